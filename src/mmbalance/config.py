@@ -1,0 +1,260 @@
+"""Typed, validated run configuration.
+
+A run is configured by layers, each overriding the one before: the defaults
+below, the dataset's recommended settings, a YAML file, and ``--set
+section.key=value`` flags. The core sections are ``train``, ``data`` and
+``model``; every registered method and dataset owns a section named after
+itself (``midas.level``, ``synthetic.num_classes``), validated by that
+component's own ``Config`` class. Unknown keys and bad values are rejected
+with one line naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+from .registry import DATASETS, METHODS, closest
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, values are checked."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class TrainConfig(Section):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    scheduler: Literal["none", "step", "cosine"] = "none"
+    step_size: int = Field(30, ge=1, description="StepLR period in epochs")
+    gamma: float = Field(0.1, gt=0, le=1, description="StepLR decay factor")
+    grad_clip: float = Field(0.0, ge=0, description="max gradient norm; 0 turns clipping off")
+    num_workers: int = Field(0, ge=0)
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    eval_batch_size: int = Field(256, ge=1)
+
+
+class DataConfig(Section):
+    name: str = "synthetic"
+    root: Optional[str] = Field(None, description="folder a dataset reads from")
+    path: Optional[str] = Field(None, description="file a dataset reads from (npz)")
+    views: Optional[list[str]] = Field(None, description="subset of modalities to use")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    split_seed: Optional[int] = Field(None, description="seed of the split; the run seed if unset")
+    on_error: Literal["raise", "skip"] = "raise"
+
+
+class ModelConfig(Section):
+    encoder: str = Field("auto", description="encoder for every modality; auto picks by input shape")
+    encoders: dict[str, str] = Field(default_factory=dict, description="per-modality encoder override")
+    fusion: str = "concat"
+    feature_dim: int = Field(64, ge=1)
+    hidden_dim: int = Field(128, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+CORE_SECTIONS: dict[str, type[Section]] = {
+    "train": TrainConfig,
+    "data": DataConfig,
+    "model": ModelConfig,
+}
+SCALAR_KEYS = {"method": str, "seed": int}
+
+
+def component_sections() -> dict[str, type[Section]]:
+    """Sections owned by registered methods and datasets, by name."""
+    sections: dict[str, type[Section]] = {}
+    for registry in (METHODS, DATASETS):
+        for name in registry.names():
+            sections[name] = getattr(registry.get(name), "Config", Section)
+    return sections
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'train.lr=0.01'`` -> ``('train.lr', 0.01)``; values are read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"bad --set '{text}': expected section.key=value, e.g. train.lr=0.01")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"bad --set '{text}': the key before '=' is empty")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set '{key}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _validation_message(section: str, error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join([section, *(str(p) for p in first["loc"])])
+    value = first.get("input")
+    return f"invalid value for {key}: {value!r} ({first['msg']})"
+
+
+def _check_keys(section: str, schema: type[Section], values: dict) -> None:
+    allowed = list(schema.model_fields)
+    for key in values:
+        if key not in allowed:
+            hint = closest(key, allowed)
+            did_you_mean = f"; did you mean '{section}.{hint}'?" if hint else ""
+            listing = ", ".join(allowed) if allowed else "none"
+            raise ConfigError(f"unknown config key '{section}.{key}'{did_you_mean} (allowed keys: {listing})")
+
+
+def validate_section(section: str, schema: type[Section], values: Any) -> Section:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{section}' must be a mapping, got {values!r}")
+    _check_keys(section, schema, values)
+    try:
+        return schema(**values)
+    except ValidationError as exc:
+        raise ConfigError(_validation_message(section, exc)) from None
+
+
+class RunConfig:
+    """The resolved configuration of one run."""
+
+    def __init__(self, raw: dict):
+        raw = copy.deepcopy(raw)
+        components = component_sections()
+        allowed = [*SCALAR_KEYS, *CORE_SECTIONS, *components]
+        for key in raw:
+            if key not in allowed:
+                hint = closest(key, allowed)
+                did_you_mean = f"; did you mean '{hint}'?" if hint else ""
+                raise ConfigError(
+                    f"unknown config section '{key}'{did_you_mean} "
+                    f"(allowed: {', '.join(SCALAR_KEYS)}, {', '.join(CORE_SECTIONS)}, or a method or dataset name)"
+                )
+        self.method: str = self._scalar(raw, "method", "joint")
+        self.seed: int = self._scalar(raw, "seed", 0)
+        if self.seed < 0:
+            raise ConfigError(f"invalid value for seed: {self.seed} (must be >= 0)")
+        self.train: TrainConfig = validate_section("train", TrainConfig, raw.get("train"))
+        self.data: DataConfig = validate_section("data", DataConfig, raw.get("data"))
+        self.model: ModelConfig = validate_section("model", ModelConfig, raw.get("model"))
+        METHODS.get(self.method)
+        DATASETS.get(self.data.name)
+        self.sections: dict[str, Section] = {}
+        for name, schema in components.items():
+            if name in raw or name in (self.method, self.data.name):
+                self.sections[name] = validate_section(name, schema, raw.get(name))
+
+    @staticmethod
+    def _scalar(raw: dict, key: str, default: Any) -> Any:
+        value = raw.get(key, default)
+        kind = SCALAR_KEYS[key]
+        if kind is int and isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ConfigError(f"invalid value for {key}: {value!r} (expected {kind.__name__})")
+        return value
+
+    def section(self, name: str) -> Section:
+        """The options of a method or dataset, with defaults filled in."""
+        return self.sections[name]
+
+    @property
+    def method_config(self) -> Section:
+        return self.sections[self.method]
+
+    @property
+    def dataset_config(self) -> Section:
+        return self.sections[self.data.name]
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"method": self.method, "seed": self.seed}
+        out["train"] = self.train.model_dump()
+        out["data"] = self.data.model_dump()
+        out["model"] = self.model.model_dump()
+        for name, section in self.sections.items():
+            out[name] = section.model_dump()
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **overrides: Any) -> "RunConfig":
+        """A copy with dotted overrides applied, validated again."""
+        raw = self.to_dict()
+        for key, value in overrides.items():
+            set_dotted(raw, key, value)
+        return RunConfig(raw)
+
+
+def build_config(
+    file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    dataset: str | None = None,
+    method: str | None = None,
+    seed: int | None = None,
+) -> RunConfig:
+    """Resolve defaults < dataset defaults < YAML file < flags < ``--set`` overrides."""
+    user: dict = load_yaml(file) if file else {}
+    flags: dict = {}
+    if dataset is not None:
+        set_dotted(flags, "data.name", dataset)
+    if method is not None:
+        flags["method"] = method
+    if seed is not None:
+        flags["seed"] = seed
+    user = merge(user, flags)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        set_dotted(user, key, value)
+    data_section = user.get("data") or {}
+    dataset_name = data_section.get("name", "synthetic") if isinstance(data_section, dict) else "synthetic"
+    defaults: dict = {}
+    if isinstance(dataset_name, str) and dataset_name in DATASETS:
+        for key, value in getattr(DATASETS.get(dataset_name), "defaults", {}).items():
+            set_dotted(defaults, key, value)
+    return RunConfig(merge(defaults, user))

@@ -1,0 +1,8 @@
+"""Datasets, batches, splits."""
+
+from .base import DataBundle, MultimodalDataset, TensorDataset
+from .batch import Batch, collate
+from .loading import default_data_root, load_dataset
+from . import synthetic  # noqa: F401  (registration)
+
+__all__ = ["Batch", "DataBundle", "MultimodalDataset", "TensorDataset", "collate", "default_data_root", "load_dataset"]

@@ -1,0 +1,23 @@
+"""From a run config to validated splits, whatever the dataset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..registry import DATASETS
+from .base import DataBundle
+
+
+def default_data_root(name: str) -> Path:
+    """Where fetched datasets live: ``$MMBALANCE_DATA/NAME``, else ``~/.cache/mmbalance/NAME``."""
+    base = os.environ.get("MMBALANCE_DATA")
+    root = Path(base) if base else Path.home() / ".cache" / "mmbalance"
+    return root / name
+
+
+def load_dataset(config) -> DataBundle:
+    """Build the dataset a ``RunConfig`` names and check it before any training."""
+    plugin = DATASETS.get(config.data.name)
+    bundle = plugin.load(config)
+    return bundle.validate()

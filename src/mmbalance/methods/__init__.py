@@ -1,0 +1,6 @@
+"""Training methods, one file each, found by name in ``METHODS``."""
+
+from .base import Method, StepResult
+from . import joint, unimodal  # noqa: F401  (registration)
+
+__all__ = ["Method", "StepResult"]

@@ -1,0 +1,58 @@
+"""Unimodal training: each modality learns alone, the reference for what it can reach."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from ..config import Section
+from ..errors import ConfigError
+from ..registry import METHODS
+from .base import Method, StepResult
+
+
+@METHODS.register("unimodal")
+class Unimodal(Method):
+    """Every encoder trained on its own head, with no gradient between modalities.
+
+    With ``unimodal.modality=all`` (default) one run trains every modality
+    separately, so its ``unimodal_accuracy`` is each modality's reference;
+    the prediction is the sum of the heads' log-probabilities (a late-fusion
+    ensemble). With a modality name, only that modality is used. The fusion
+    head is fitted on detached single-modality features so that the
+    modality-only accuracy of this run is also a unimodal reference.
+    """
+
+    class Config(Section):
+        modality: str = Field("all", description="a modality name, or 'all' to train each one alone")
+
+    def __init__(self, config, modalities, num_classes):
+        super().__init__(config, modalities, num_classes)
+        if config.modality != "all" and config.modality not in modalities:
+            raise ConfigError(
+                f"invalid value for unimodal.modality: {config.modality!r} (allowed: all, {', '.join(modalities)})"
+            )
+        self.selected = list(modalities) if config.modality == "all" else [config.modality]
+
+    def training_step(self, model, batch, ctx):
+        features = self.encode(model, {m: batch.inputs[m] for m in self.selected})
+        full = {m: features.get(m, torch.zeros(len(batch), model.feature_dims[m], device=batch.labels.device)) for m in self.modalities}
+        heads = self.heads(model, features)
+        losses = {m: F.cross_entropy(heads[m], batch.labels) for m in self.selected}
+        detached = {m: f.detach() for m, f in full.items()}
+        fusion_loss = sum(
+            F.cross_entropy(self.fuse(model, self.zeroed(detached, [m])), batch.labels) for m in self.selected
+        )
+        logits = self._combine(heads)
+        logs = {f"loss/{m}": float(v) for m, v in losses.items()}
+        return StepResult(sum(losses.values()) + fusion_loss, logits, logs)
+
+    def _combine(self, heads):
+        return sum(F.log_softmax(heads[m], dim=-1) for m in self.selected)
+
+    def encode(self, model, inputs):
+        return model.encode(inputs, [m for m in self.modalities if m in inputs])
+
+    def predict_from_features(self, model, features):
+        return self._combine(self.heads(model, {m: features[m] for m in self.selected}))

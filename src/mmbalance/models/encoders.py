@@ -1,0 +1,164 @@
+"""Encoders: one per modality, each mapping an input batch to ``(B, feature_dim)``.
+
+``auto`` picks by input shape: vectors get an MLP, 1-D signals ``(C, L)`` and
+images ``(C, H, W)`` a small CNN; ResNet-18 is chosen explicitly for
+spectrograms and frames. Inputs with frames ``(T, C, H, W)`` are folded into
+the batch and their features averaged over time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..registry import ENCODERS
+
+
+class Encoder(nn.Module):
+    """Base: knows its input shape (without the batch) and its output width."""
+
+    def __init__(self, input_shape: tuple[int, ...], feature_dim: int):
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        self.feature_dim = feature_dim
+
+
+@ENCODERS.register("mlp")
+class MLPEncoder(Encoder):
+    """Two-layer perceptron for feature vectors (inputs are flattened)."""
+
+    def __init__(self, input_shape, feature_dim=64, hidden_dim=128, dropout=0.0):
+        super().__init__(input_shape, feature_dim)
+        in_dim = int(torch.tensor(input_shape).prod())
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, feature_dim),
+            nn.ReLU(),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.float())
+
+
+def _channels_of(input_shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(channels, spatial_dims)`` for (L,), (C, L), (C, H, W) or (T, C, H, W) inputs."""
+    if len(input_shape) == 1:
+        return 1, 1
+    if len(input_shape) == 2:
+        return input_shape[0], 1
+    if len(input_shape) in (3, 4):
+        return input_shape[-3], 2
+    raise ConfigError(f"no convolutional encoder for inputs of shape {tuple(input_shape)}")
+
+
+class _FrameFolding(Encoder):
+    """Shared handling of (T, C, H, W) frame stacks and of channel-less inputs."""
+
+    def _prepare(self, x: Tensor) -> tuple[Tensor, int]:
+        x = x.float()
+        frames = 1
+        if len(self.input_shape) == 1:
+            x = x.unsqueeze(1)
+        elif len(self.input_shape) == 4:
+            batch, frames = x.shape[:2]
+            x = x.reshape(batch * frames, *x.shape[2:])
+        return x, frames
+
+    @staticmethod
+    def _pool_frames(features: Tensor, frames: int) -> Tensor:
+        if frames == 1:
+            return features
+        return features.reshape(-1, frames, features.shape[-1]).mean(dim=1)
+
+
+@ENCODERS.register("cnn")
+class SmallCNNEncoder(_FrameFolding):
+    """Three conv blocks and global average pooling; 1-D or 2-D by input shape."""
+
+    def __init__(self, input_shape, feature_dim=64, hidden_dim=128, dropout=0.0):
+        super().__init__(input_shape, feature_dim)
+        channels, dims = _channels_of(self.input_shape)
+        conv = nn.Conv1d if dims == 1 else nn.Conv2d
+        norm = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
+        pool = nn.AdaptiveAvgPool1d(1) if dims == 1 else nn.AdaptiveAvgPool2d(1)
+        widths = [channels, 32, 64, hidden_dim]
+        layers: list[nn.Module] = []
+        for cin, cout in zip(widths[:-1], widths[1:]):
+            layers += [conv(cin, cout, 3, stride=2, padding=1), norm(cout), nn.ReLU(inplace=True)]
+        self.body = nn.Sequential(*layers, pool, nn.Flatten(), nn.Dropout(dropout))
+        self.proj = nn.Linear(hidden_dim, feature_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, frames = self._prepare(x)
+        return self._pool_frames(torch.relu(self.proj(self.body(x))), frames)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+@ENCODERS.register("resnet18")
+class ResNet18Encoder(_FrameFolding):
+    """ResNet-18 for spectrograms (1 channel), flow (2) and RGB frames (3).
+
+    Output is the 512-d pooled feature, as in the field's audio-visual
+    baselines; ``feature_dim`` other than 512 adds a linear projection.
+    """
+
+    def __init__(self, input_shape, feature_dim=512, hidden_dim=128, dropout=0.0):
+        super().__init__(input_shape, feature_dim)
+        channels, dims = _channels_of(self.input_shape)
+        if dims != 2:
+            raise ConfigError(
+                f"resnet18 needs 2-D inputs (C, H, W) or frames (T, C, H, W), got shape {self.input_shape}"
+            )
+        self.stem = nn.Sequential(
+            nn.Conv2d(channels, 64, 7, 2, 3, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1),
+        )
+        stages = []
+        cin = 64
+        for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+            stages.append(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
+            cin = cout
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout))
+        self.proj = nn.Identity() if feature_dim == 512 else nn.Linear(512, feature_dim)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, frames = self._prepare(x)
+        features = self.proj(self.pool(self.stages(self.stem(x))))
+        return self._pool_frames(features, frames)
+
+
+def auto_encoder_name(input_shape: tuple[int, ...]) -> str:
+    return "mlp" if len(input_shape) == 1 else "cnn"
+
+
+def build_encoder(name: str, input_shape, feature_dim: int, hidden_dim: int, dropout: float) -> Encoder:
+    if name == "auto":
+        name = auto_encoder_name(tuple(input_shape))
+    cls = ENCODERS.get(name)
+    return cls(tuple(input_shape), feature_dim=feature_dim, hidden_dim=hidden_dim, dropout=dropout)
