@@ -33,4 +33,4 @@ class Joint(Method):
         else:
             unimodal_loss = self.probe_loss(model, features, batch.labels)
             loss = fused_loss + unimodal_loss
-        return StepResult(loss, logits, {"loss/fused": float(fused_loss), "loss/unimodal": float(unimodal_loss)})
+        return StepResult(loss, logits, {"loss/fused": fused_loss.detach(), "loss/unimodal": unimodal_loss.detach()})

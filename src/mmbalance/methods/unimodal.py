@@ -45,7 +45,7 @@ class Unimodal(Method):
             F.cross_entropy(self.fuse(model, self.zeroed(detached, [m])), batch.labels) for m in self.selected
         )
         logits = self._combine(heads)
-        logs = {f"loss/{m}": float(v) for m, v in losses.items()}
+        logs = {f"loss/{m}": v.detach() for m, v in losses.items()}
         return StepResult(sum(losses.values()) + fusion_loss, logits, logs)
 
     def _combine(self, heads):

@@ -1,0 +1,335 @@
+"""Seconds per training step, by encoder setting and training method.
+
+A balancing method is only worth its accuracy if its cost per step is known,
+so this script times full optimisation steps (the trainer's hook order:
+zero_grad, training_step, backward, after_backward, optimizer.step,
+after_step) on synthetic batches at realistic shapes. Joint training is the
+reference: every other method is timed interleaved with it, one step of each
+in turn, so that load from other processes lands on all of them alike and
+each method's ratio to joint stays meaningful on a busy machine.
+
+    python benchmarks/step_time.py                                # joint, every setting
+    python benchmarks/step_time.py --encoders resnet18 --methods joint,midas --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import mmbalance.methods  # noqa: F401  (registers every method in METHODS)
+from mmbalance.config import ModelConfig
+from mmbalance.data.batch import Batch
+from mmbalance.errors import MMBalanceError
+from mmbalance.models import build_model
+from mmbalance.registry import METHODS, unknown_name_message
+from mmbalance.training.context import TrainContext
+from mmbalance.training.distributed import DistributedState
+
+REFERENCE_METHOD = "joint"
+NUM_CLASSES = 10
+FEATURE_DIM = 512
+LEARNING_RATE = 1e-3
+MOMENTUM = 0.9
+AUDIO_VISUAL_SHAPES = {"audio": (1, 257, 188), "visual": (3, 3, 224, 224)}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row group of the benchmark: an encoder at fixed input shapes and batch size."""
+
+    encoder: str
+    input_shapes: dict[str, tuple[int, ...]]
+    batch_size: int
+    default_steps: int
+
+    def describe_inputs(self) -> str:
+        return " + ".join(f"{m} {'x'.join(map(str, shape))}" for m, shape in self.input_shapes.items())
+
+
+SETTINGS: dict[str, Setting] = {
+    # The field's audio-visual setting: a spectrogram and 3 RGB frames per sample.
+    "resnet18": Setting("resnet18", AUDIO_VISUAL_SHAPES, batch_size=16, default_steps=10),
+    "cnn": Setting("cnn", AUDIO_VISUAL_SHAPES, batch_size=16, default_steps=20),
+    # Two pre-extracted feature vectors, where the encoders cost little.
+    "mlp": Setting("mlp", {"audio": (512,), "visual": (256,)}, batch_size=64, default_steps=50),
+}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that the clock reads the time the step really took."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_optimizer(parameters) -> torch.optim.Optimizer:
+    return torch.optim.SGD(parameters, lr=LEARNING_RATE, momentum=MOMENTUM)
+
+
+def synthetic_batch(setting: Setting, device: torch.device, generator: torch.Generator) -> Batch:
+    """Random inputs and labels, made once so that data generation is never timed."""
+    size = setting.batch_size
+    inputs = {m: torch.randn(size, *shape, generator=generator) for m, shape in setting.input_shapes.items()}
+    labels = torch.randint(0, NUM_CLASSES, (size,), generator=generator)
+    return Batch(inputs=inputs, labels=labels, index=torch.arange(size)).to(device)
+
+
+class MethodUnderTest:
+    """One method training its own copy of the model, one timed step at a time.
+
+    Every copy starts from the same weights (same seed), and the method is
+    set up as the trainer does it: ``setup`` before the optimizer is built,
+    ``on_epoch_start`` once (untimed, it is a per-epoch cost). The loaders in
+    the context yield the benchmark batch, for methods that read held-out data.
+    """
+
+    def __init__(self, name: str, setting: Setting, batch: Batch, device: torch.device, seed: int, total_steps: int):
+        self.name = name
+        self.device = device
+        self.batch = batch
+        modalities = list(setting.input_shapes)
+        torch.manual_seed(seed)
+        model_config = ModelConfig(encoder=setting.encoder, fusion="concat", feature_dim=FEATURE_DIM)
+        self.model = build_model(model_config, modalities, setting.input_shapes, NUM_CLASSES)
+        method_class = METHODS.get(name)
+        self.method = method_class(method_class.Config(), modalities, NUM_CLASSES)
+        self.ctx = TrainContext(
+            epoch=0,
+            max_epochs=1,
+            steps_per_epoch=total_steps,
+            device=device,
+            modalities=modalities,
+            num_classes=NUM_CLASSES,
+            generator=torch.Generator().manual_seed(seed),
+            dist=DistributedState(),
+            train_loader=[batch],
+            heldout_loader=[batch],
+            train_eval_loader=[batch],
+            params=self.model.parameter_groups(),
+        )
+        self.method.setup(self.model, self.ctx)
+        self.model.to(device)
+        self.method.to(device)
+        trainable = [p for p in [*self.model.parameters(), *self.method.parameters()] if p.requires_grad]
+        self.optimizer = make_optimizer(trainable)
+        self.ctx.optimizer = self.optimizer
+        self.ctx.make_optimizer = make_optimizer
+        self.ctx.params["method"] = list(self.method.parameters())
+        self.model.train()
+        self.method.train()
+        self.method.on_epoch_start(self.model, self.ctx)
+        self.steps_done = 0
+        self.seconds: list[float] = []
+
+    def step(self) -> float:
+        """One full optimisation step; returns its wall-clock seconds."""
+        ctx, manual = self.ctx, self.method.manual_optimization
+        ctx.global_step = ctx.step_in_epoch = self.steps_done
+        synchronize(self.device)
+        started = time.perf_counter()
+        if not manual:
+            self.optimizer.zero_grad(set_to_none=True)
+        result = self.method.training_step(self.model, self.batch, ctx)
+        if not manual:
+            result.loss.backward()
+            self.method.after_backward(self.model, ctx)
+            self.optimizer.step()
+        self.method.after_step(self.model, ctx)
+        synchronize(self.device)
+        elapsed = time.perf_counter() - started
+        self.steps_done += 1
+        return elapsed
+
+
+def benchmark_setting(
+    setting_name: str, methods: list[str], steps: int, warmup: int, device: torch.device, seed: int
+) -> list[dict]:
+    """Time every method on one setting, interleaved step by step; one result row per method."""
+    setting = SETTINGS[setting_name]
+    batch = synthetic_batch(setting, device, torch.Generator().manual_seed(seed))
+    runs = [MethodUnderTest(name, setting, batch, device, seed, warmup + steps) for name in methods]
+    for step in range(warmup + steps):
+        phase = f"warmup {step + 1}/{warmup}" if step < warmup else f"step {step - warmup + 1}/{steps}"
+        # Reverse the order every other step so that no method always runs right after another.
+        for run in runs if step % 2 == 0 else reversed(runs):
+            seconds = run.step()
+            if step >= warmup:
+                run.seconds.append(seconds)
+            print(f"[{setting_name}] {phase} {run.name}: {seconds:.3f} s", file=sys.stderr, flush=True)
+    reference = statistics.median(next(r.seconds for r in runs if r.name == REFERENCE_METHOD))
+    return [
+        {
+            "encoder": setting_name,
+            "inputs": setting.describe_inputs(),
+            "method": run.name,
+            "batch_size": setting.batch_size,
+            "steps": steps,
+            "warmup": warmup,
+            "median_s": statistics.median(run.seconds),
+            "min_s": min(run.seconds),
+            "max_s": max(run.seconds),
+            "ratio_to_joint": statistics.median(run.seconds) / reference,
+            "seconds": run.seconds,
+        }
+        for run in runs
+    ]
+
+
+# -- command line -------------------------------------------------------------
+def comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="step_time.py",
+        description="Seconds per training step by encoder setting and method, with each method's ratio to joint.",
+    )
+    parser.add_argument("--encoders", type=comma_list, default=list(SETTINGS),
+                        help=f"comma-separated settings (default: {','.join(SETTINGS)})")
+    parser.add_argument("--methods", type=comma_list, default=[REFERENCE_METHOD],
+                        help="comma-separated registered methods; joint is always timed as the reference (default: joint)")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="timed steps per method (default: " + ", ".join(f"{n} {s.default_steps}" for n, s in SETTINGS.items()) + ")")
+    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first (default: 2)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the results as a Markdown table")
+    return parser.parse_args(argv)
+
+
+def check_names(encoders: list[str], methods: list[str]) -> None:
+    """Fail on a bad name before any model is built: a ResNet run is too slow to waste."""
+    if not encoders:
+        raise MMBalanceError(f"--encoders is empty (allowed: {', '.join(SETTINGS)})")
+    if not methods:
+        raise MMBalanceError(f"--methods is empty (allowed: {', '.join(METHODS.names())})")
+    for name in encoders:
+        if name not in SETTINGS:
+            raise MMBalanceError(unknown_name_message("encoder setting", name, list(SETTINGS)))
+    for name in methods:
+        METHODS.get(name)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MMBalanceError("--device cuda, but no CUDA device is available (use auto or cpu)")
+    return torch.device(name)
+
+
+def with_reference_first(methods: list[str]) -> list[str]:
+    """Joint first, then the others once each: ratios need joint measured in the same run."""
+    return list(dict.fromkeys([REFERENCE_METHOD, *methods]))
+
+
+def environment(device: torch.device, command: str) -> dict:
+    return {
+        "command": command,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# -- output -------------------------------------------------------------------
+COLUMNS = ["encoder", "method", "batch", "steps", "median s/step", "min s", "max s", "ratio vs joint"]
+
+
+def table_cells(rows: list[dict]) -> list[list[str]]:
+    """The same formatted numbers for the terminal and the Markdown table."""
+    return [
+        [
+            row["encoder"],
+            row["method"],
+            str(row["batch_size"]),
+            str(row["steps"]),
+            f"{row['median_s']:.4g}",
+            f"{row['min_s']:.4g}",
+            f"{row['max_s']:.4g}",
+            f"{row['ratio_to_joint']:.2f}",
+        ]
+        for row in rows
+    ]
+
+
+def text_table(rows: list[dict]) -> str:
+    cells = [COLUMNS, *table_cells(rows)]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    numeric_from = 2  # encoder and method are left-aligned, numbers right-aligned
+    lines = [
+        "  ".join(cell.ljust(w) if i < numeric_from else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+        for line in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = "| " + " | ".join(COLUMNS) + " |"
+    rule = "|" + "|".join(["---"] * 2 + ["---:"] * (len(COLUMNS) - 2)) + "|"
+    body = ["| " + " | ".join(line) + " |" for line in table_cells(rows)]
+    return "\n".join([header, rule, *body])
+
+
+def environment_line(env: dict) -> str:
+    return f"torch {env['torch']}, device {env['device']}, {env['torch_threads']} torch threads, {env['cpu_count']} CPUs"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        check_names(args.encoders, args.methods)
+        device = pick_device(args.device)
+    except MMBalanceError as exc:
+        print(f"step_time.py: error: {exc}", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    methods = with_reference_first(args.methods)
+    command = " ".join(["python", "benchmarks/step_time.py", *(sys.argv[1:] if argv is None else argv)])
+    env = environment(device, command)
+    print(environment_line(env), file=sys.stderr, flush=True)
+    rows: list[dict] = []
+    for name in args.encoders:
+        steps = args.steps or SETTINGS[name].default_steps
+        rows += benchmark_setting(name, methods, steps, args.warmup, device, args.seed)
+    print(environment_line(env))
+    print(text_table(rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
+    if args.markdown is not None:
+        args.markdown.write_text(f"{environment_line(env)}\n\n{markdown_table(rows)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

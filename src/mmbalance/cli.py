@@ -1,0 +1,195 @@
+"""The ``mmbalance`` command.
+
+Every user mistake ends as one line on stderr and exit status 2; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import MMBalanceError
+
+LISTABLE = ("methods", "datasets", "encoders", "fusions")
+
+
+def _register_all() -> None:
+    from . import data, methods, models  # noqa: F401  (fills the registries)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=0.01 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmbalance", description="Balanced multimodal learning.")
+    parser.add_argument("--version", action="version", version=f"mmbalance {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train one run")
+    p.add_argument("--dataset")
+    p.add_argument("--method")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", help="run folder")
+    p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR")
+    _add_config_args(p)
+
+    p = sub.add_parser("eval", help="evaluate a run's best checkpoint")
+    p.add_argument("--run", required=True, metavar="DIR")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+
+    p = sub.add_parser("list", help="list registered components")
+    p.add_argument("what", choices=LISTABLE)
+
+    p = sub.add_parser("data", help="dataset utilities")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    f = data_sub.add_parser("fetch", help="download a dataset into its data folder")
+    f.add_argument("name")
+    f.add_argument("--root", help="destination folder (default: the dataset's cache folder)")
+
+    p = sub.add_parser("bench", help="every method x seed on one dataset, with a summary")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--methods", required=True, help="comma-separated method names")
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--out", required=True)
+    _add_config_args(p)
+
+    p = sub.add_parser("demo", help="joint vs. unimodal training on the built-in synthetic data")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--seeds", type=int, default=3)
+    return parser
+
+
+def cmd_train(args) -> int:
+    from .config import build_config
+    from .training import resume_run, train_run
+
+    if args.resume:
+        extra = [name for name in ("dataset", "method", "seed", "out", "config") if getattr(args, name) is not None]
+        if extra or args.overrides:
+            raise MMBalanceError("--resume DIR continues a run as configured; do not combine it with other options")
+        metrics = resume_run(Path(args.resume), quiet=args.quiet)
+    else:
+        if not args.out:
+            raise MMBalanceError("train needs --out DIR (the run folder), or --resume DIR")
+        config = build_config(args.config, args.overrides, dataset=args.dataset, method=args.method, seed=args.seed)
+        metrics = train_run(config, Path(args.out), quiet=args.quiet)
+    print(_metrics_line(metrics))
+    return 0
+
+
+def _metrics_line(metrics: dict) -> str:
+    test = metrics["test"]
+    only = ", ".join(f"{m} {100 * v:.1f}%" for m, v in test["modality_accuracy"].items())
+    return (
+        f"{metrics['method']} on {metrics['dataset']} (seed {metrics['seed']}): "
+        f"test accuracy {100 * test['accuracy']:.2f}%, macro-F1 {100 * test['macro_f1']:.2f}%, "
+        f"modality-only [{only}], best epoch {metrics['best_epoch']}"
+    )
+
+
+def cmd_eval(args) -> int:
+    from .config import RunConfig, load_yaml
+    from .training import Trainer
+
+    run = Path(args.run)
+    if not (run / "config.yaml").is_file() or not (run / "best.pt").is_file():
+        raise MMBalanceError(f"{run} is not a finished run folder (needs config.yaml and best.pt)")
+    config = RunConfig(load_yaml(run / "config.yaml"))
+    trainer = Trainer(config, None, quiet=True)
+    checkpoint = trainer.load_weights(run / "best.pt")
+    metrics = trainer.evaluate(args.split)
+    print(json.dumps({"run": str(run), "split": args.split, "epoch": checkpoint.get("epoch"), **metrics}, indent=2))
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .registry import DATASETS, ENCODERS, FUSIONS, METHODS
+
+    registry = {"methods": METHODS, "datasets": DATASETS, "encoders": ENCODERS, "fusions": FUSIONS}[args.what]
+    width = max(len(n) for n in registry.names())
+    for name in registry.names():
+        print(f"{name:<{width}}  {registry.describe(name)}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .data.loading import default_data_root
+    from .registry import DATASETS
+
+    plugin = DATASETS.get(args.name)
+    if not hasattr(plugin, "fetch"):
+        fetchable = [n for n in DATASETS.names() if hasattr(DATASETS.get(n), "fetch")]
+        raise MMBalanceError(
+            f"dataset '{args.name}' has nothing to fetch (fetchable: {', '.join(fetchable) or 'none'})"
+        )
+    root = Path(args.root) if args.root else default_data_root(args.name)
+    path = plugin.fetch(root)
+    print(f"{args.name}: ready in {path}")
+    return 0
+
+
+def cmd_bench(args, command: str) -> int:
+    from .experiments.bench import run_bench
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    run_bench(args.dataset, methods, args.seeds, Path(args.out), args.overrides, args.config,
+              quiet=args.quiet, command=command)
+    print((Path(args.out) / "summary.md").read_text())
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .experiments.bench import run_bench
+
+    out = Path(args.out)
+    command = f"mmbalance demo --out {args.out} --seeds {args.seeds}"
+    run_bench("synthetic", ["joint", "unimodal"], args.seeds, out, quiet=args.quiet, command=command)
+    print((out / "summary.md").read_text())
+    print(f"Report folder: {out} (summary.md, summary.png, results.jsonl, one folder per run)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = "mmbalance " + shlex.join(argv)
+    try:
+        _register_all()
+        handlers = {
+            "train": cmd_train,
+            "eval": cmd_eval,
+            "list": cmd_list,
+            "data": cmd_data,
+            "bench": lambda a: cmd_bench(a, command),
+            "demo": cmd_demo,
+        }
+        return handlers[args.command](args)
+    except MMBalanceError as exc:
+        if args.debug:
+            raise
+        print(f"mmbalance: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mmbalance: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not a user error: still one line unless --debug
+        if args.debug:
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"mmbalance: internal error: {type(exc).__name__}: {message} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Bring your own data: one ``.npz`` file with an array per modality.
+
+The file holds an integer ``label`` array, one array per modality (any other
+name; first dimension = samples, any trailing shape) and optionally a
+``split`` array of ``train``/``val``/``test`` strings. Without ``split`` the
+samples are split by label like every other dataset. Everything is checked
+on load so that a bad file fails with one line instead of mid-training.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from ..config import Section
+from ..errors import DataError
+from ..registry import DATASETS
+from .base import DataBundle, TensorDataset, check_labels, select_views
+from .splits import train_val_test
+
+RESERVED = ("label", "split")
+SPLITS = ("train", "val", "test")
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of the file, loaded now so that a corrupt member fails here."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DataError(f"{path} is not a valid .npz file (it holds a single array; save with np.savez)")
+        with loaded as archive:
+            return {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path} is not a valid .npz file: {exc}") from None
+
+
+def integer_labels(label: np.ndarray, path: Path) -> np.ndarray:
+    """Labels as int64; whole-valued floats are accepted, anything else is refused."""
+    if label.ndim != 1:
+        raise DataError(f"'label' in {path} must be 1-d (one class per sample), got shape {label.shape}")
+    if np.issubdtype(label.dtype, np.integer):
+        return label.astype(np.int64)
+    if np.issubdtype(label.dtype, np.floating):
+        whole = np.isfinite(label) & (label == np.round(label))
+        if whole.all():
+            return label.astype(np.int64)
+        first = int(np.flatnonzero(~whole)[0])
+        raise DataError(f"'label' in {path} must hold integers, got {label[first]} at sample {first}")
+    raise DataError(f"'label' in {path} must hold integers, got dtype {label.dtype}")
+
+
+def modality_tensor(name: str, array: np.ndarray, count: int) -> torch.Tensor:
+    """Floats become float32 features, integers (e.g. token ids) stay int64."""
+    if array.ndim == 0 or array.shape[0] != count:
+        length = "a scalar" if array.ndim == 0 else f"{array.shape[0]} samples"
+        raise DataError(f"modality '{name}' has {length} but 'label' has {count}")
+    if array.ndim == 1:
+        array = array[:, None]  # one feature per sample
+    if np.issubdtype(array.dtype, np.integer):
+        return torch.from_numpy(array.astype(np.int64))
+    if array.dtype == np.bool_:
+        return torch.from_numpy(array.astype(np.float32))
+    if np.issubdtype(array.dtype, np.floating):
+        features = array.astype(np.float32)  # checked after the cast: float64 beyond float32's range becomes inf
+        finite = np.isfinite(features).reshape(count, -1).all(axis=1)
+        if not finite.all():
+            raise DataError(f"modality '{name}' has non-finite values in sample {int(np.flatnonzero(~finite)[0])}")
+        return torch.from_numpy(features)
+    raise DataError(f"modality '{name}' has dtype {array.dtype}; expected numbers (floats or integers)")
+
+
+def split_rows(split: np.ndarray, count: int, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row indices of the train, val and test parts named by the file's ``split`` array."""
+    if split.ndim != 1 or split.shape[0] != count:
+        raise DataError(f"'split' in {path} must be 1-d with one entry per sample ({count}), got shape {split.shape}")
+    if split.dtype.kind == "S":
+        split = np.char.decode(split, "utf-8")
+    if split.dtype.kind != "U":
+        raise DataError(f"'split' in {path} must hold the strings train, val or test, got dtype {split.dtype}")
+    unknown = ~np.isin(split, SPLITS)
+    if unknown.any():
+        first = int(np.flatnonzero(unknown)[0])
+        value = str(split[first])
+        raise DataError(f"'split' in {path} has value {value!r} at sample {first} (allowed: train, val, test)")
+    parts = tuple(np.flatnonzero(split == name) for name in SPLITS)
+    for name, rows in zip(SPLITS, parts):
+        if rows.size == 0:
+            raise DataError(f"the {name} split in {path} is empty; 'split' must name every one of train, val, test")
+    return parts
+
+
+@DATASETS.register("npz")
+class NpzDataset:
+    """Your own data: one .npz file with an array per modality, 'label' and an optional 'split'."""
+
+    class Config(Section):
+        num_classes: Optional[int] = Field(None, ge=2, description="number of classes; default max label + 1")
+
+    @classmethod
+    def load(cls, config) -> DataBundle:
+        options = config.section("npz")
+        if not config.data.path:
+            raise DataError("data.path is not set; the npz dataset reads one .npz file")
+        path = Path(config.data.path).expanduser()
+        if not path.is_file():
+            raise DataError(f"npz file not found: {path}")
+        arrays = read_npz(path)
+        if "label" not in arrays:
+            raise DataError(f"{path} has no 'label' array (arrays: {', '.join(arrays) or 'none'})")
+        labels = integer_labels(arrays["label"], path)
+        count = labels.shape[0]
+        if count == 0:
+            raise DataError(f"{path} has no samples ('label' is empty)")
+        modalities = {name: array for name, array in arrays.items() if name not in RESERVED}
+        if len(modalities) < 2:
+            raise DataError(
+                f"{path} needs at least 2 modality arrays besides 'label' and 'split', "
+                f"found {len(modalities)}: {list(modalities)}"
+            )
+        num_classes = options.num_classes if options.num_classes is not None else int(labels.max()) + 1
+        check_labels(labels, num_classes, str(path))
+        views = select_views(modalities, config.data.views, "npz")
+        tensors = {name: modality_tensor(name, modalities[name], count) for name in views}
+        if "split" in arrays:
+            train, val, test = split_rows(arrays["split"], count, path)
+        else:
+            split_seed = config.seed if config.data.split_seed is None else config.data.split_seed
+            train, val, test = train_val_test(labels, config.data.val_fraction, config.data.test_fraction, split_seed)
+        full = TensorDataset(tensors, torch.from_numpy(labels))
+        return DataBundle(
+            train=full.subset(train),
+            val=full.subset(val),
+            test=full.subset(test),
+            num_classes=num_classes,
+            modalities=views,
+            input_shapes={name: tuple(tensors[name].shape[1:]) for name in views},
+            info={"path": str(path), "split": "file" if "split" in arrays else "stratified"},
+        )

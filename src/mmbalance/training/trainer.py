@@ -1,0 +1,357 @@
+"""One training loop for every method.
+
+The trainer owns data loading, optimisation, checkpoints, evaluation and
+logging; the method (see ``methods/base.py``) owns the loss and any gradient
+or state manipulation, through hooks. Nothing here depends on which method
+runs.
+
+Run folder::
+
+    config.yaml     the resolved configuration
+    metrics.jsonl   one line per epoch (train loss/accuracy, validation metrics, method logs)
+    last.pt         everything needed to resume, rewritten atomically every epoch
+    best.pt         model and method state at the best validation accuracy
+    metrics.json    final validation and test metrics of the best checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import RunConfig
+from ..data.base import DataBundle
+from ..data.batch import collate_batch
+from ..data.loading import load_dataset
+from ..errors import ConfigError, MMBalanceError, NonFiniteLossError
+from ..evaluation.metrics import Outputs, collect_outputs, compute_metrics
+from ..models.multimodal import MultimodalModel, build_model
+from ..registry import METHODS
+from .checkpoint import (
+    atomic_save,
+    atomic_write_json,
+    atomic_write_text,
+    load_checkpoint,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from .context import TrainContext
+from .distributed import DistributedState, ShardedShuffleSampler
+from .progress import Progress
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"invalid value for train.device: {name!r} (allowed: auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {name!r} but no CUDA device is available (use auto or cpu)")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def check_writable(out_dir: Path) -> None:
+    """Fail before any work when the run folder cannot be written."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise MMBalanceError(f"cannot write to output folder {out_dir}: {exc.strerror or exc}") from None
+
+
+def build_method(config: RunConfig, bundle: DataBundle):
+    return METHODS.get(config.method)(config.method_config, bundle.modalities, bundle.num_classes)
+
+
+class Trainer:
+    """Trains one (method, dataset, seed) run into ``out_dir``."""
+
+    def __init__(self, config: RunConfig, out_dir: str | Path | None, quiet: bool = False, bundle: DataBundle | None = None):
+        self.config = config
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        device_kind = "cuda" if config.train.device.startswith("cuda") or (config.train.device == "auto" and torch.cuda.is_available()) else "cpu"
+        self.dist = DistributedState.from_env(device_kind)
+        self.device = resolve_device(config.train.device, self.dist.local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        seed_everything(config.seed)
+        self.bundle = bundle if bundle is not None else load_dataset(config)
+        self.model: MultimodalModel = build_model(
+            config.model, self.bundle.modalities, self.bundle.input_shapes, self.bundle.num_classes
+        )
+        self.method = build_method(config, self.bundle)
+        self.progress = Progress(quiet, self.dist.is_main)
+        self._build_loaders()
+        self.ctx = TrainContext(
+            epoch=0,
+            max_epochs=config.train.epochs,
+            steps_per_epoch=len(self.train_loader),
+            device=self.device,
+            modalities=self.bundle.modalities,
+            num_classes=self.bundle.num_classes,
+            generator=torch.Generator().manual_seed(config.seed),
+            dist=self.dist,
+            train_loader=self.train_loader,
+            heldout_loader=self.val_loader,
+            train_eval_loader=self.train_eval_loader,
+            params=self.model.parameter_groups(),
+        )
+        self.method.setup(self.model, self.ctx)
+        self.model.to(self.device)
+        self.method.to(self.device)
+        self.dist.broadcast_module(self.model)
+        self.dist.broadcast_module(self.method)
+        self.parameters = [p for p in list(self.model.parameters()) + list(self.method.parameters()) if p.requires_grad]
+        self.optimizer = self.make_optimizer(self.parameters)
+        self.scheduler = self._make_scheduler()
+        self.ctx.optimizer = self.optimizer
+        self.ctx.make_optimizer = self.make_optimizer
+        self.ctx.params["method"] = list(self.method.parameters())
+        self.state: dict[str, Any] = {
+            "epoch": 0,
+            "global_step": 0,
+            "best_epoch": -1,
+            "best_val_accuracy": -math.inf,
+            "train_seconds": 0.0,
+            "step_seconds": 0.0,
+            "steps_timed": 0,
+        }
+
+    # -- construction --------------------------------------------------------
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        t = self.config.train
+        if t.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+    def _make_scheduler(self):
+        t = self.config.train
+        if t.scheduler == "step":
+            return torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=t.step_size, gamma=t.gamma)
+        if t.scheduler == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=t.epochs)
+        return None
+
+    def _loader(self, dataset, batch_size, sampler) -> DataLoader:
+        workers = self.config.train.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=collate_batch,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _build_loaders(self) -> None:
+        t = self.config.train
+        d = self.dist
+        train = self.bundle.train
+        self.train_sampler = ShardedShuffleSampler(len(train), self.config.seed, d.rank, d.world_size)
+        self.train_loader = self._loader(train, t.batch_size, self.train_sampler)
+
+        def sharded(dataset):
+            return ShardedShuffleSampler(len(dataset), 0, d.rank, d.world_size, shuffle=False)
+
+        self.train_eval_loader = self._loader(train, t.eval_batch_size, sharded(train))
+        self.val_loader = self._loader(self.bundle.val, t.eval_batch_size, sharded(self.bundle.val))
+        self.test_loader = self._loader(self.bundle.test, t.eval_batch_size, sharded(self.bundle.test))
+
+    # -- evaluation ----------------------------------------------------------
+    def evaluate(self, split: str) -> dict:
+        loader = {"train": self.train_eval_loader, "val": self.val_loader, "test": self.test_loader}[split]
+        outputs = collect_outputs(self.method, self.model, loader, self.device, self.bundle.modalities)
+        if self.dist.enabled:
+            outputs = Outputs.concat(self.dist.gather_objects(outputs.to_cpu_dict()))
+        return compute_metrics(outputs, self.bundle.modalities, self.bundle.num_classes)
+
+    # -- checkpoints ---------------------------------------------------------
+    def _write(self, name: str, obj) -> None:
+        if self.out_dir is not None and self.dist.is_main:
+            atomic_save(obj, self.out_dir / name)
+
+    def _weights(self) -> dict:
+        return {"model": self.model.state_dict(), "method": self.method.state_dict()}
+
+    def _last_checkpoint(self) -> dict:
+        return {
+            **self._weights(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "state": dict(self.state),
+            "rng": rng_state(),
+            "generator": self.ctx.generator.get_state(),
+            "config": self.config.to_dict(),
+        }
+
+    def _restore(self, checkpoint: dict) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.method.load_state_dict(checkpoint["method"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.scheduler is not None and checkpoint.get("scheduler") is not None:
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.state.update(checkpoint["state"])
+        set_rng_state(checkpoint["rng"])
+        self.ctx.generator.set_state(checkpoint["generator"])
+
+    def load_weights(self, path: Path) -> dict:
+        checkpoint = load_checkpoint(path)
+        self.model.load_state_dict(checkpoint["model"])
+        self.method.load_state_dict(checkpoint["method"])
+        return checkpoint
+
+    # -- training ------------------------------------------------------------
+    def _train_epoch(self, epoch: int) -> dict:
+        self.model.train()
+        self.method.train()
+        self.train_sampler.set_epoch(epoch)
+        ctx = self.ctx
+        ctx.epoch = epoch
+        self.method.on_epoch_start(self.model, ctx)
+        totals = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
+        log_sums: dict[str, float] = {}
+        bar = self.progress.epoch_bar(self.train_loader, epoch, self.config.train.epochs)
+        for step, batch in enumerate(bar):
+            started = time.perf_counter()
+            ctx.step_in_epoch = step
+            ctx.global_step = self.state["global_step"]
+            batch = batch.to(self.device, non_blocking=True)
+            if not self.method.manual_optimization:
+                self.optimizer.zero_grad(set_to_none=True)
+            result = self.method.training_step(self.model, batch, ctx)
+            loss_value = float(result.loss.detach())
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(
+                    f"non-finite loss ({loss_value}) at epoch {epoch + 1}, step {step + 1}; "
+                    f"training stopped, the last good checkpoint (epoch {epoch}) is kept; try a lower train.lr"
+                )
+            if not self.method.manual_optimization:
+                result.loss.backward()
+                self.dist.average_gradients(self.parameters)
+                self.method.after_backward(self.model, ctx)
+                if self.config.train.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.parameters, self.config.train.grad_clip)
+                self.optimizer.step()
+            self.method.after_step(self.model, ctx)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.state["step_seconds"] += time.perf_counter() - started
+            self.state["steps_timed"] += 1
+            self.state["global_step"] += 1
+            n = len(batch)
+            totals[0] += loss_value * n
+            totals[2] += n
+            if result.logits is not None:
+                totals[1] += float((result.logits.detach().argmax(-1) == batch.labels).sum())
+            for key, value in result.logs.items():
+                value = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+                log_sums[key] = log_sums.get(key, 0.0) + value
+            self.progress.set_postfix(bar, loss=totals[0].item() / totals[2].item(), acc=totals[1].item() / totals[2].item())
+        steps = max(len(self.train_loader), 1)
+        logs = {k: v / steps for k, v in log_sums.items()}
+        if self.dist.enabled and logs:
+            keys = sorted(logs)
+            logs = dict(zip(keys, self.dist.mean(torch.tensor([logs[k] for k in keys], dtype=torch.float64)).tolist()))
+        totals = self.dist.all_reduce_sum(totals)
+        logs.update(self.method.on_epoch_end(self.model, ctx) or {})
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.dist.broadcast_module(self.model)
+        return {
+            "train_loss": totals[0].item() / max(totals[2].item(), 1),
+            "train_accuracy": totals[1].item() / max(totals[2].item(), 1),
+            "method": logs,
+        }
+
+    def fit(self, resume: bool = False) -> dict:
+        """Train to ``train.epochs``, keeping the best validation checkpoint; return final metrics."""
+        if self.out_dir is not None and self.dist.is_main:
+            check_writable(self.out_dir)
+        if resume:
+            self._restore(load_checkpoint(self.out_dir / "last.pt"))
+        elif self.out_dir is not None and self.dist.is_main:
+            atomic_write_text(self.out_dir / "config.yaml", self.config.to_yaml())
+            (self.out_dir / "metrics.jsonl").write_text("")
+            for stale in ("metrics.json", "best.pt", "last.pt"):
+                (self.out_dir / stale).unlink(missing_ok=True)
+        epochs = self.config.train.epochs
+        for epoch in range(self.state["epoch"], epochs):
+            started = time.perf_counter()
+            record = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
+            record.update(self._train_epoch(epoch))
+            self.state["train_seconds"] += time.perf_counter() - started
+            val = self.evaluate("val")
+            record["val"] = val
+            record["seconds"] = time.perf_counter() - started
+            self.state["epoch"] = epoch + 1
+            if val["accuracy"] > self.state["best_val_accuracy"]:
+                self.state["best_val_accuracy"] = val["accuracy"]
+                self.state["best_epoch"] = epoch + 1
+                self._write("best.pt", {**self._weights(), "epoch": epoch + 1, "config": self.config.to_dict()})
+            self._write("last.pt", self._last_checkpoint())
+            self._append_jsonl(record)
+            self.progress.epoch_summary(
+                f"epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.4f}  "
+                f"train acc {record['train_accuracy']:.4f}  val acc {val['accuracy']:.4f}"
+            )
+        return self.finish()
+
+    def _append_jsonl(self, record: dict) -> None:
+        if self.out_dir is not None and self.dist.is_main:
+            with open(self.out_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def finish(self) -> dict:
+        if self.out_dir is not None:
+            self.dist.barrier()
+            self.load_weights(self.out_dir / "best.pt")
+        metrics = {
+            "method": self.config.method,
+            "dataset": self.config.data.name,
+            "seed": self.config.seed,
+            "modalities": self.bundle.modalities,
+            "best_epoch": self.state["best_epoch"],
+            "epochs": self.config.train.epochs,
+            "val": self.evaluate("val"),
+            "test": self.evaluate("test"),
+            "train_seconds": self.state["train_seconds"],
+            "seconds_per_step": self.state["step_seconds"] / max(self.state["steps_timed"], 1),
+            "world_size": self.dist.world_size,
+            "device": str(self.device),
+        }
+        if self.out_dir is not None and self.dist.is_main:
+            atomic_write_json(self.out_dir / "metrics.json", metrics)
+        return metrics
+
+
+def train_run(config: RunConfig, out_dir: str | Path, quiet: bool = False, resume: bool = False) -> dict:
+    trainer = Trainer(config, out_dir, quiet=quiet)
+    try:
+        return trainer.fit(resume=resume)
+    finally:
+        trainer.dist.shutdown()
+
+
+def resume_run(run_dir: str | Path, quiet: bool = False) -> dict:
+    from ..config import RunConfig, load_yaml
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "last.pt").is_file():
+        raise MMBalanceError(f"nothing to resume in {run_dir}: no last.pt (start a new run with --out)")
+    config = RunConfig(load_yaml(run_dir / "config.yaml"))
+    return train_run(config, run_dir, quiet=quiet, resume=True)
