@@ -272,9 +272,9 @@ def table_cells(rows: list[dict]) -> list[list[str]]:
             row["method"],
             str(row["batch_size"]),
             str(row["steps"]),
-            f"{row['median_s']:.4g}",
-            f"{row['min_s']:.4g}",
-            f"{row['max_s']:.4g}",
+            f"{row['median_s']:#.4g}",
+            f"{row['min_s']:#.4g}",
+            f"{row['max_s']:#.4g}",
             f"{row['ratio_to_joint']:.2f}",
         ]
         for row in rows
