@@ -152,3 +152,16 @@ def test_killed_training_resumes_to_the_same_metrics(tmp_path):
     resumed = json.loads((tmp_path / "killed" / "metrics.json").read_text())
     assert resumed["test"] == full["test"] and resumed["val"] == full["val"]
     assert resumed["best_epoch"] == full["best_epoch"]
+
+
+def test_plot_writes_pngs(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli("train", "--out", str(out), *TINY) == 0
+    capsys.readouterr()
+    assert run_cli("plot", "--run", str(out)) == 0
+    written = capsys.readouterr().out.split()
+    names = {p.rsplit("/", 1)[-1] for p in written}
+    assert {"accuracy.png", "modality_accuracy.png"} <= names
+    assert all((out / "plots" / n).stat().st_size > 1000 for n in names)
+    code = run_cli("plot", "--run", str(tmp_path / "nothing"))
+    one_line_error(capsys, code, "has no metrics.jsonl")

@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     _add_config_args(p)
 
+    p = sub.add_parser("plot", help="draw a run's curves as PNG files")
+    p.add_argument("--run", required=True, metavar="DIR")
+    p.add_argument("--out", help="folder for the PNG files (default: DIR/plots)")
+
     p = sub.add_parser("demo", help="joint vs. unimodal training on the built-in synthetic data")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seeds", type=int, default=3)
@@ -148,6 +152,14 @@ def cmd_bench(args, command: str) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from .evaluation.plots import plot_run
+
+    for path in plot_run(Path(args.run), args.out):
+        print(path)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .experiments.bench import run_bench
 
@@ -173,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             "data": cmd_data,
             "bench": lambda a: cmd_bench(a, command),
             "demo": cmd_demo,
+            "plot": cmd_plot,
         }
         return handlers[args.command](args)
     except MMBalanceError as exc:

@@ -73,6 +73,15 @@ def run_bench(
     return results
 
 
+def reference_lines(results: list[dict]) -> list[str]:
+    """The dataset's own reference figures, e.g. the synthetic data's Bayes-optimal accuracy."""
+    bayes = results[0].get("dataset_info", {}).get("bayes_accuracy")
+    if not bayes:
+        return []
+    parts = ", ".join(f"{name} {100 * value:.1f}%" for name, value in bayes.items())
+    return [f"Bayes-optimal test accuracy (exact, from the generator): {parts}.", ""]
+
+
 def write_reports(results: list[dict], out_dir: Path, dataset: str, command: str | None) -> str:
     lines = [json.dumps(r) for r in results]
     atomic_write_text(out_dir / "results.jsonl", "\n".join(lines) + "\n")
@@ -87,6 +96,7 @@ def write_reports(results: list[dict], out_dir: Path, dataset: str, command: str
         "",
         table,
         "",
+        *reference_lines(results),
         "Validation split:",
         "",
         markdown_table(results, "val"),

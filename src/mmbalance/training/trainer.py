@@ -332,6 +332,7 @@ class Trainer:
             "train_seconds": self.state["train_seconds"],
             "seconds_per_step": self.state["step_seconds"] / max(self.state["steps_timed"], 1),
             "world_size": self.dist.world_size,
+            "dataset_info": self.bundle.info,
             "device": str(self.device),
         }
         if self.out_dir is not None and self.dist.is_main:
