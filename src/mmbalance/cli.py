@@ -28,14 +28,24 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set train.lr=0.01 (repeatable)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmbalance", description="Balanced multimodal learning.")
-    parser.add_argument("--version", action="version", version=f"mmbalance {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _common_options(defaults: bool) -> argparse.ArgumentParser:
+    """--debug and --quiet, accepted before or after the subcommand."""
+    common = argparse.ArgumentParser(add_help=False)
+    default = False if defaults else argparse.SUPPRESS
+    common.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
+    common.add_argument("--quiet", action="store_true", default=default, help="no progress output")
+    return common
 
-    p = sub.add_parser("train", help="train one run")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmbalance", description="Balanced multimodal learning.", parents=[_common_options(True)]
+    )
+    parser.add_argument("--version", action="version", version=f"mmbalance {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = [_common_options(False)]
+
+    p = sub.add_parser("train", parents=common, help="train one run")
     p.add_argument("--dataset")
     p.add_argument("--method")
     p.add_argument("--seed", type=int)
@@ -43,31 +53,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR")
     _add_config_args(p)
 
-    p = sub.add_parser("eval", help="evaluate a run's best checkpoint")
+    p = sub.add_parser("eval", parents=common, help="evaluate a run's best checkpoint")
     p.add_argument("--run", required=True, metavar="DIR")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
 
-    p = sub.add_parser("list", help="list registered components")
+    p = sub.add_parser("list", parents=common, help="list registered components")
     p.add_argument("what", choices=LISTABLE)
 
-    p = sub.add_parser("data", help="dataset utilities")
+    p = sub.add_parser("data", parents=common, help="dataset utilities")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    f = data_sub.add_parser("fetch", help="download a dataset into its data folder")
+    f = data_sub.add_parser("fetch", parents=common, help="download a dataset into its data folder")
     f.add_argument("name")
     f.add_argument("--root", help="destination folder (default: the dataset's cache folder)")
 
-    p = sub.add_parser("bench", help="every method x seed on one dataset, with a summary")
+    p = sub.add_parser("bench", parents=common, help="every method x seed on one dataset, with a summary")
     p.add_argument("--dataset", required=True)
     p.add_argument("--methods", required=True, help="comma-separated method names")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--out", required=True)
     _add_config_args(p)
 
-    p = sub.add_parser("plot", help="draw a run's curves as PNG files")
+    p = sub.add_parser("plot", parents=common, help="draw a run's curves as PNG files")
     p.add_argument("--run", required=True, metavar="DIR")
     p.add_argument("--out", help="folder for the PNG files (default: DIR/plots)")
 
-    p = sub.add_parser("demo", help="joint vs. unimodal training on the built-in synthetic data")
+    p = sub.add_parser("demo", parents=common, help="joint vs. unimodal training on the built-in synthetic data")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seeds", type=int, default=3)
     return parser

@@ -17,7 +17,7 @@ from ..config import RunConfig, build_config
 from ..errors import MMBalanceError
 from ..training.checkpoint import atomic_write_text
 from ..training.trainer import check_writable, resume_run, train_run
-from .summary import bar_chart, markdown_table
+from .summary import bar_chart, fmt, markdown_table
 
 
 def run_name(method: str, seed: int) -> str:
@@ -75,11 +75,11 @@ def run_bench(
 
 def reference_lines(results: list[dict]) -> list[str]:
     """The dataset's own reference figures, e.g. the synthetic data's Bayes-optimal accuracy."""
-    bayes = results[0].get("dataset_info", {}).get("bayes_accuracy")
-    if not bayes:
+    reports = [r.get("dataset_info", {}).get("bayes_accuracy") for r in results]
+    if not all(reports):
         return []
-    parts = ", ".join(f"{name} {100 * value:.1f}%" for name, value in bayes.items())
-    return [f"Bayes-optimal test accuracy (exact, from the generator): {parts}.", ""]
+    parts = ", ".join(f"{name} {fmt([rep[name] for rep in reports])}" for name in reports[0])
+    return [f"Bayes-optimal test accuracy (exact, from the generator; mean ± std over the runs' splits): {parts}.", ""]
 
 
 def write_reports(results: list[dict], out_dir: Path, dataset: str, command: str | None) -> str:
