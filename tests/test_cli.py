@@ -98,6 +98,7 @@ def test_npz_quick_start(tmp_path, capsys):
         (["train", "--set", "data.views=[strong]", "--out", "{tmp}/r"], "at least 2"),
         (["train", "--out", "{tmp}/blocker/r"], "cannot write to output folder"),
         (["eval", "--run", "{tmp}/nothing"], "is not a finished run folder"),
+        (["train", "--set", "train.device=tpu", "--out", "{tmp}/r"], "invalid value for train.device: 'tpu'"),
         (["train", "--resume", "{tmp}/nothing"], "nothing to resume"),
         (["bench", "--dataset", "synthetic", "--methods", "joint,bogus", "--seeds", "1", "--out", "{tmp}/b"], "unknown method 'bogus'"),
         (["data", "fetch", "synthetic"], "has nothing to fetch"),

@@ -161,3 +161,14 @@ def test_hooks_are_called_in_order(tmp_path, tiny_overrides):
     record = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
     assert record["method"]["custom"] == 1.5
     assert "extra.weight" in torch.load(tmp_path / "r" / "best.pt", weights_only=False)["method"]
+
+
+def test_progress_is_silent_when_quiet_or_not_a_terminal(monkeypatch):
+    from mmbalance.training.progress import Progress
+
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    assert Progress(quiet=False).show
+    assert not Progress(quiet=True).show
+    assert not Progress(quiet=False, enabled_rank=False).show  # only rank 0 draws
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    assert not Progress(quiet=False).show
