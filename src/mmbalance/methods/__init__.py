@@ -2,5 +2,6 @@
 
 from .base import Method, StepResult
 from . import joint, unimodal  # noqa: F401  (registration)
+from . import midas  # noqa: F401  (registration)
 
 __all__ = ["Method", "StepResult"]
