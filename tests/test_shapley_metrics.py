@@ -81,3 +81,35 @@ def test_concat_drops_padding_duplicates():
     joined = Outputs.concat([part([0, 2, 4]), part([1, 3, 0])])
     assert joined.index.tolist() == [0, 1, 2, 3, 4]
     assert joined.labels.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_misaligned_metrics_by_hand():
+    from mmbalance.evaluation.metrics import misaligned_metrics
+
+    # sample 1: probabilities 0.5/0.3/0.2 over classes 0/1/2, sources (0, 1): both in the top 2
+    # sample 2: 0.5/0.3/0.2, sources (0, 2): class 2 is third -> wrong
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]])
+    logits = probs.log()
+    sources = torch.tensor([[0, 1], [0, 2]])
+    m = misaligned_metrics(logits, sources, ["a", "b"])
+    assert m["misaligned_accuracy"] == 0.5
+    # normalised confidence of slot a: 0.5/0.8 and 0.5/0.7; of slot b: 0.3/0.8 and 0.2/0.7
+    assert m["misaligned_confidence"]["a"] == pytest.approx((0.5 / 0.8 + 0.5 / 0.7) / 2)
+    assert m["misaligned_confidence"]["b"] == pytest.approx((0.3 / 0.8 + 0.2 / 0.7) / 2)
+    assert m["misaligned_samples"] == 2
+    empty = misaligned_metrics(torch.zeros(0, 3), torch.zeros(0, 2, dtype=torch.long), ["a", "b"])
+    assert math.isnan(empty["misaligned_accuracy"]) and empty["misaligned_samples"] == 0
+
+
+def test_evaluation_builds_misaligned_pairs_with_distinct_labels(tmp_path):
+    from mmbalance.config import build_config
+    from mmbalance.training import Trainer
+
+    overrides = ["synthetic.num_samples=240", "synthetic.num_classes=4", "synthetic.strong_groups=2",
+                 "synthetic.dims=[8,8]", "train.epochs=1", "model.feature_dim=8", "model.hidden_dim=16"]
+    trainer = Trainer(build_config(overrides=overrides), None, quiet=True)
+    first = trainer.evaluate("val")
+    second = trainer.evaluate("val")
+    assert first["misaligned_samples"] > 0
+    assert first["misaligned_accuracy"] == second["misaligned_accuracy"]  # a fixed set of pairs
+    assert sum(first["misaligned_confidence"].values()) == pytest.approx(1.0, abs=1e-6)

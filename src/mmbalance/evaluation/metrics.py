@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..misalignment import draw_sources, fused_source_probabilities, misaligned_features
 from ..models.multimodal import zero_out
 from .shapley import all_coalitions, imbalance_ratio, shapley_values
 
@@ -24,6 +25,8 @@ class Outputs:
     logits: Tensor
     coalition_logits: dict[frozenset, Tensor]
     unimodal_logits: dict[str, Tensor]
+    misaligned_logits: Tensor | None = None  # [K, C] fused logits on misaligned samples
+    misaligned_labels: Tensor | None = None  # [K, M] the source label of every slot
 
     def to_cpu_dict(self) -> dict:
         return {
@@ -32,6 +35,8 @@ class Outputs:
             "logits": self.logits,
             "coalition_logits": {tuple(sorted(k)): v for k, v in self.coalition_logits.items()},
             "unimodal_logits": self.unimodal_logits,
+            "misaligned_logits": self.misaligned_logits,
+            "misaligned_labels": self.misaligned_labels,
         }
 
     @staticmethod
@@ -57,7 +62,17 @@ class Outputs:
                 frozenset(k): torch.cat([p["coalition_logits"][k] for p in parts])[rows] for k in coalitions
             },
             unimodal_logits={m: torch.cat([p["unimodal_logits"][m] for p in parts])[rows] for m in unimodal},
+            # misaligned samples have no identity to deduplicate: every shard's are kept
+            misaligned_logits=_cat_optional([p.get("misaligned_logits") for p in parts]),
+            misaligned_labels=_cat_optional([p.get("misaligned_labels") for p in parts]),
         )
+
+
+def _cat_optional(tensors: list) -> Tensor | None:
+    return None if any(t is None for t in tensors) else torch.cat(tensors)
+
+
+MISALIGNED_SEED = 20251
 
 
 @torch.no_grad()
@@ -65,6 +80,10 @@ def collect_outputs(method, model, loader, device, modalities: list[str]) -> Out
     model.eval()
     method.eval()
     coalitions = all_coalitions(modalities)
+    # The same misaligned samples at every evaluation: a fixed seed and the loader's fixed order.
+    generator = torch.Generator().manual_seed(MISALIGNED_SEED)
+    misaligned_logits: list[Tensor] = []
+    misaligned_labels: list[Tensor] = []
     labels, index, logits = [], [], []
     coalition_logits: dict[frozenset, list[Tensor]] = {c: [] for c in coalitions}
     unimodal: dict[str, list[Tensor]] = {m: [] for m in modalities}
@@ -76,6 +95,11 @@ def collect_outputs(method, model, loader, device, modalities: list[str]) -> Out
             coalition_logits[coalition].append(method.fuse(model, zero_out(features, coalition)).float().cpu())
         for m, z in method.heads(model, features).items():
             unimodal[m].append(z.float().cpu())
+        sources, _ = draw_sources(batch.labels, len(modalities), generator)
+        if len(sources):
+            swapped = misaligned_features(features, sources, modalities)
+            misaligned_logits.append(method.fuse(model, swapped).float().cpu())
+            misaligned_labels.append(batch.labels[sources].cpu())
         labels.append(batch.labels.cpu())
         index.append(batch.index.cpu())
     return Outputs(
@@ -84,6 +108,8 @@ def collect_outputs(method, model, loader, device, modalities: list[str]) -> Out
         logits=torch.cat(logits),
         coalition_logits={c: torch.cat(v) for c, v in coalition_logits.items()},
         unimodal_logits={m: torch.cat(v) for m, v in unimodal.items() if v},
+        misaligned_logits=torch.cat(misaligned_logits) if misaligned_logits else torch.zeros(0, model.num_classes),
+        misaligned_labels=torch.cat(misaligned_labels) if misaligned_labels else torch.zeros(0, len(modalities), dtype=torch.long),
     )
 
 
@@ -110,6 +136,32 @@ def macro_f1(predictions: Tensor, labels: Tensor, num_classes: int) -> float:
     return sum(scores) / len(scores) if scores else 0.0
 
 
+def misaligned_metrics(logits: Tensor, source_labels: Tensor, modalities: list[str]) -> dict:
+    """MIDAS's diagnostics on misaligned samples (for any method).
+
+    ``misaligned_accuracy``: a sample counts as correct when every source
+    label is among the top-M predictions (M = number of modalities).
+    ``misaligned_confidence``: per modality, the mean of the fused model's
+    probability of that slot's source class, normalised over the slots'
+    classes; a model that reads only one modality gives that one ~1.
+    """
+    if logits is None or len(logits) == 0:
+        return {
+            "misaligned_accuracy": float("nan"),
+            "misaligned_confidence": {m: float("nan") for m in modalities},
+            "misaligned_samples": 0,
+        }
+    top = logits.topk(min(len(modalities), logits.shape[1]), dim=1).indices  # [K, M]
+    hit = (source_labels[:, :, None] == top[:, None, :]).any(dim=2).all(dim=1)
+    probabilities = fused_source_probabilities(logits, source_labels)  # [K, M]
+    normalised = probabilities / probabilities.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    return {
+        "misaligned_accuracy": float(hit.float().mean()),
+        "misaligned_confidence": {m: float(normalised[:, k].mean()) for k, m in enumerate(modalities)},
+        "misaligned_samples": int(len(logits)),
+    }
+
+
 def compute_metrics(outputs: Outputs, modalities: list[str], num_classes: int) -> dict:
     labels = outputs.labels
     coalition_accuracy = {c: accuracy(z, labels) for c, z in outputs.coalition_logits.items()}
@@ -122,4 +174,5 @@ def compute_metrics(outputs: Outputs, modalities: list[str], num_classes: int) -
         "shapley": shapley,
         "imbalance_ratio": imbalance_ratio(shapley),
         "num_samples": int(labels.numel()),
+        **misaligned_metrics(outputs.misaligned_logits, outputs.misaligned_labels, modalities),
     }
