@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", parents=common, help="every method x seed on one dataset, with a summary")
     p.add_argument("--dataset", required=True)
-    p.add_argument("--methods", required=True, help="comma-separated method names")
+    p.add_argument("--methods", required=True,
+                   help="comma-separated method names; NAME[key=value;...] adds method options (ablations)")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--out", required=True)
     _add_config_args(p)
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, metavar="DIR")
     p.add_argument("--out", help="folder for the PNG files (default: DIR/plots)")
 
-    p = sub.add_parser("demo", parents=common, help="joint vs. unimodal training on the built-in synthetic data")
+    p = sub.add_parser("demo", parents=common, help="joint, unimodal and MIDAS training on the built-in synthetic data")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seeds", type=int, default=3)
     return parser
@@ -155,7 +156,9 @@ def cmd_data(args) -> int:
 def cmd_bench(args, command: str) -> int:
     from .experiments.bench import run_bench
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    from .experiments.bench import split_methods
+
+    methods = split_methods(args.methods)
     run_bench(args.dataset, methods, args.seeds, Path(args.out), args.overrides, args.config,
               quiet=args.quiet, command=command)
     print((Path(args.out) / "summary.md").read_text())
@@ -175,7 +178,7 @@ def cmd_demo(args) -> int:
 
     out = Path(args.out)
     command = f"mmbalance demo --out {args.out} --seeds {args.seeds}"
-    run_bench("synthetic", ["joint", "unimodal"], args.seeds, out, quiet=args.quiet, command=command)
+    run_bench("synthetic", ["joint", "unimodal", "midas"], args.seeds, out, quiet=args.quiet, command=command)
     print((out / "summary.md").read_text())
     print(f"Report folder: {out} (summary.md, summary.png, results.jsonl, one folder per run)")
     return 0

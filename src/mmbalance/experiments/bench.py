@@ -1,7 +1,10 @@
 """Benchmark grids: every method x seed on one dataset, then a summary.
 
 Each run lives in its own folder directly under the benchmark folder
-(``METHOD-seedN``). A finished run (``metrics.json`` present) is skipped on
+(``METHOD-seedN``). A method may carry its own options, for ablations:
+``midas[warmup=false]`` or ``midas[weak_weighting=false;hard_weighting=false]``
+runs MIDAS with ``midas.warmup=false`` and is reported under that label. A
+finished run (``metrics.json`` present) is skipped on
 re-runs and an interrupted one is resumed, so a killed benchmark continues
 where it stopped. ``results.jsonl`` and ``summary.md`` are rebuilt from the
 run folders every time.
@@ -10,6 +13,7 @@ run folders every time.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -20,21 +24,55 @@ from ..training.trainer import check_writable, resume_run, train_run
 from .summary import bar_chart, fmt, markdown_table
 
 
-def run_name(method: str, seed: int) -> str:
-    return f"{method}-seed{seed}"
+METHOD_SPEC = re.compile(r"^(?P<name>[A-Za-z0-9_]+)(\[(?P<options>[^\[\]]*)\])?$")
 
 
-def plan_runs(dataset: str, methods: list[str], seeds: int, overrides: list[str], config_file=None) -> list[tuple[str, RunConfig]]:
+def split_methods(text: str) -> list[str]:
+    """Split ``a,b[x=1;y=2],c`` on the commas outside brackets."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += char
+    parts.append(current.strip())
+    return [p for p in parts if p]
+
+
+def parse_method(spec: str) -> tuple[str, list[str]]:
+    """``midas[warmup=false]`` -> ``('midas', ['midas.warmup=false'])``."""
+    match = METHOD_SPEC.match(spec)
+    if not match:
+        raise MMBalanceError(f"bad method '{spec}': expected NAME or NAME[key=value;key=value]")
+    name, options = match["name"], match["options"]
+    overrides = []
+    for option in (options or "").split(";"):
+        if option.strip():
+            if "=" not in option:
+                raise MMBalanceError(f"bad option '{option}' in '{spec}': expected key=value")
+            overrides.append(f"{name}.{option.strip()}")
+    return name, overrides
+
+
+def run_name(label: str, seed: int) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.=-]+", "-", label).strip("-")
+    return f"{safe}-seed{seed}"
+
+
+def plan_runs(dataset: str, methods: list[str], seeds: int, overrides: list[str], config_file=None) -> list[tuple[str, str, RunConfig]]:
     """Resolve every run's config first, so a typo fails before any training."""
     if seeds < 1:
         raise MMBalanceError(f"--seeds must be at least 1, got {seeds}")
     if not methods:
         raise MMBalanceError("--methods is empty; give a comma-separated list such as joint,unimodal")
     plan = []
-    for method in methods:
+    for spec in methods:
+        method, method_overrides = parse_method(spec)
         for seed in range(seeds):
-            config = build_config(config_file, overrides, dataset=dataset, method=method, seed=seed)
-            plan.append((run_name(method, seed), config))
+            config = build_config(config_file, overrides + method_overrides, dataset=dataset, method=method, seed=seed)
+            plan.append((spec, run_name(spec, seed), config))
     return plan
 
 
@@ -55,7 +93,7 @@ def run_bench(
     check_writable(out_dir)
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     results = []
-    for k, (name, config) in enumerate(plan, 1):
+    for k, (label, name, config) in enumerate(plan, 1):
         run_dir = out_dir / name
         metrics_path = run_dir / "metrics.json"
         if metrics_path.is_file():
@@ -67,6 +105,7 @@ def run_bench(
         else:
             log(f"[{k}/{len(plan)}] {name}: training")
             metrics = train_run(config, run_dir, quiet=quiet)
+        metrics["label"] = label
         log(f"[{k}/{len(plan)}] {name}: test accuracy {100 * metrics['test']['accuracy']:.2f}%")
         results.append(metrics)
     write_reports(results, out_dir, dataset, command)
