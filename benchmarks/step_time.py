@@ -30,6 +30,7 @@ import mmbalance.methods  # noqa: F401  (registers every method in METHODS)
 from mmbalance.config import ModelConfig
 from mmbalance.data.batch import Batch
 from mmbalance.errors import MMBalanceError
+from mmbalance.experiments.bench import method_section, split_methods
 from mmbalance.models import build_model
 from mmbalance.registry import METHODS, unknown_name_message
 from mmbalance.training.context import TrainContext
@@ -100,8 +101,8 @@ class MethodUnderTest:
         torch.manual_seed(seed)
         model_config = ModelConfig(encoder=setting.encoder, fusion="concat", feature_dim=FEATURE_DIM)
         self.model = build_model(model_config, modalities, setting.input_shapes, NUM_CLASSES)
-        method_class = METHODS.get(name)
-        self.method = method_class(method_class.Config(), modalities, NUM_CLASSES)
+        method_name, config = method_section(name)
+        self.method = METHODS.get(method_name)(config, modalities, NUM_CLASSES)
         self.ctx = TrainContext(
             epoch=0,
             max_epochs=1,
@@ -186,7 +187,7 @@ def benchmark_setting(
 
 # -- command line -------------------------------------------------------------
 def comma_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
+    return split_methods(text)
 
 
 def positive_int(text: str) -> int:
@@ -232,8 +233,8 @@ def check_names(encoders: list[str], methods: list[str]) -> None:
     for name in encoders:
         if name not in SETTINGS:
             raise MMBalanceError(unknown_name_message("encoder setting", name, list(SETTINGS)))
-    for name in methods:
-        METHODS.get(name)
+    for spec in methods:
+        method_section(spec)
 
 
 def pick_device(name: str) -> torch.device:

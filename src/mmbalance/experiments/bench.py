@@ -17,7 +17,8 @@ import re
 import sys
 from pathlib import Path
 
-from ..config import RunConfig, build_config
+from ..config import RunConfig, Section, build_config, parse_override, validate_section
+from ..registry import METHODS
 from ..errors import MMBalanceError
 from ..training.checkpoint import atomic_write_text
 from ..training.trainer import check_writable, resume_run, train_run
@@ -54,6 +55,13 @@ def parse_method(spec: str) -> tuple[str, list[str]]:
                 raise MMBalanceError(f"bad option '{option}' in '{spec}': expected key=value")
             overrides.append(f"{name}.{option.strip()}")
     return name, overrides
+
+
+def method_section(spec: str) -> tuple[str, Section]:
+    """A method spec's name and its validated options, for use outside a full run config."""
+    name, overrides = parse_method(spec)
+    values = {key.split(".", 1)[1]: value for key, value in map(parse_override, overrides)}
+    return name, validate_section(name, METHODS.get(name).Config, values)
 
 
 def run_name(label: str, seed: int) -> str:
