@@ -19,7 +19,7 @@ def test_register_get_and_list():
 
 
 def test_typo_suggests_and_lists_allowed():
-    with pytest.raises(UnknownNameError, match=r"unknown encoder 'resnet81'; did you mean 'resnet18'\? \(allowed: cnn, mlp, resnet18\)"):
+    with pytest.raises(UnknownNameError, match=r"unknown encoder 'resnet81'; did you mean 'resnet18'\? \(allowed: cnn, mlp, resnet18"):
         ENCODERS.get("resnet81")
 
 
