@@ -15,11 +15,12 @@ from pathlib import Path
 from . import __version__
 from .errors import MMBalanceError
 
-LISTABLE = ("methods", "datasets", "encoders", "fusions")
+LISTABLE = ("methods", "datasets", "encoders", "fusions", "corruptions")
 
 
 def _register_all() -> None:
     from . import data, methods, models  # noqa: F401  (fills the registries)
+    from .data import corruptions  # noqa: F401
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -57,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, metavar="DIR")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
 
+    p = sub.add_parser("robust", parents=common, help="test accuracy of runs under a corruption, against its level")
+    p.add_argument("--run", dest="runs", action="append", required=True, metavar="DIR", help="run folder (repeatable)")
+    p.add_argument("--corruption", required=True, help="see: mmbalance list corruptions")
+    p.add_argument("--modality", dest="modalities", action="append", metavar="M",
+                   help="modality to corrupt (repeatable; 'all' = every modality at once; default: each in turn)")
+    p.add_argument("--levels", required=True, help="comma-separated levels ε, e.g. 0,0.5,1,2")
+    p.add_argument("--fraction", type=float, default=0.5, help="fraction of test samples corrupted (default 0.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="corruption option, e.g. --option unk_id=3 for token_mask (repeatable)")
+    p.add_argument("--out", required=True, help="report folder")
+
     p = sub.add_parser("list", parents=common, help="list registered components")
     p.add_argument("what", choices=LISTABLE)
 
@@ -72,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated method names; NAME[key=value;...] adds method options (ablations)")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--out", required=True)
+    p.add_argument("--robust", metavar="CORRUPTION:LEVELS",
+                   help="after the runs, a robustness report into OUT/robustness, e.g. gaussian:0,1,2")
     _add_config_args(p)
 
     p = sub.add_parser("plot", parents=common, help="draw a run's curves as PNG files")
@@ -127,10 +142,26 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_list(args) -> int:
-    from .registry import DATASETS, ENCODERS, FUSIONS, METHODS
+def cmd_robust(args, command: str) -> int:
+    from .config import parse_override
+    from .evaluation.robustness import parse_levels, robustness_report
 
-    registry = {"methods": METHODS, "datasets": DATASETS, "encoders": ENCODERS, "fusions": FUSIONS}[args.what]
+    for option in args.options:
+        if "=" not in option:
+            raise MMBalanceError(f"bad --option '{option}': expected KEY=VALUE, e.g. unk_id=3")
+    options = dict(parse_override(option) for option in args.options)
+    robustness_report(args.runs, args.corruption, parse_levels(args.levels), Path(args.out), args.modalities,
+                      args.fraction, args.seed, options, command=command,
+                      log=(lambda text: None) if args.quiet else None)
+    print((Path(args.out) / "robustness.md").read_text())
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .registry import CORRUPTIONS, DATASETS, ENCODERS, FUSIONS, METHODS
+
+    registry = {"methods": METHODS, "datasets": DATASETS, "encoders": ENCODERS, "fusions": FUSIONS,
+                "corruptions": CORRUPTIONS}[args.what]
     width = max(len(n) for n in registry.names())
     for name in registry.names():
         print(f"{name:<{width}}  {registry.describe(name)}")
@@ -154,13 +185,15 @@ def cmd_data(args) -> int:
 
 
 def cmd_bench(args, command: str) -> int:
+    from .evaluation.robustness import parse_sweep
     from .experiments.bench import run_bench
 
     from .experiments.bench import split_methods
 
     methods = split_methods(args.methods)
+    robust = parse_sweep(args.robust) if args.robust else None
     run_bench(args.dataset, methods, args.seeds, Path(args.out), args.overrides, args.config,
-              quiet=args.quiet, command=command)
+              quiet=args.quiet, command=command, robust=robust)
     print((Path(args.out) / "summary.md").read_text())
     return 0
 
@@ -197,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             "list": cmd_list,
             "data": cmd_data,
             "bench": lambda a: cmd_bench(a, command),
+            "robust": lambda a: cmd_robust(a, command),
             "demo": cmd_demo,
             "plot": cmd_plot,
         }

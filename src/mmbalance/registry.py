@@ -1,4 +1,4 @@
-"""Name -> class registries for methods, datasets, encoders and fusion heads.
+"""Name -> class registries for methods, datasets, encoders, fusion heads and corruptions.
 
 Every pluggable component is found by name, the way timm finds models: a
 decorator registers a class, ``get`` looks it up and suggests the closest name
@@ -81,3 +81,4 @@ METHODS: Registry = Registry("method")
 DATASETS: Registry = Registry("dataset")
 ENCODERS: Registry = Registry("encoder")
 FUSIONS: Registry = Registry("fusion")
+CORRUPTIONS: Registry = Registry("corruption")

@@ -20,6 +20,7 @@ from pathlib import Path
 from ..config import RunConfig, Section, build_config, parse_override, validate_section
 from ..registry import METHODS
 from ..errors import MMBalanceError
+from ..evaluation.robustness import check_sweep, robustness_report
 from ..training.checkpoint import atomic_write_text
 from ..training.trainer import check_writable, resume_run, train_run
 from .summary import bar_chart, fmt, markdown_table
@@ -94,10 +95,14 @@ def run_bench(
     quiet: bool = False,
     command: str | None = None,
     log=None,
+    robust: tuple[str, list[float]] | None = None,
 ) -> list[dict]:
+    """``robust``: (corruption, levels) for a robustness report over every run, in ``out_dir/robustness``."""
     out_dir = Path(out_dir)
     overrides = list(overrides or [])
     plan = plan_runs(dataset, methods, seeds, overrides, config_file)
+    if robust:
+        check_sweep(*robust, plan[0][2])
     check_writable(out_dir)
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     results = []
@@ -117,6 +122,10 @@ def run_bench(
         log(f"[{k}/{len(plan)}] {name}: test accuracy {100 * metrics['test']['accuracy']:.2f}%")
         results.append(metrics)
     write_reports(results, out_dir, dataset, command)
+    if robust:
+        corruption, levels = robust
+        robustness_report([out_dir / name for _, name, _ in plan], corruption, levels, out_dir / "robustness",
+                          labels=[label for label, _, _ in plan], command=command, log=log)
     return results
 
 

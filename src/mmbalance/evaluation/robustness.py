@@ -1,0 +1,277 @@
+"""Accuracy under test-time corruption (CAL.md, "Noise-robustness protocol").
+
+Each run is rebuilt from its folder (config.yaml, best.pt) and its test split
+is evaluated through the trainer's own ``evaluate`` with a loader that
+corrupts every batch, so a corrupted score is computed exactly like the clean
+one. The corruption hits one modality at a time by default; the target
+``all`` corrupts every modality at once (CAL's RGB-D setting).
+
+Output folder::
+
+    robustness.md          one table per target: rows = methods (mean ± std over runs), columns = ε, AUC
+    robustness.json        every run's accuracy at every (target, ε)
+    robustness-TARGET.png  accuracy against ε, one curve per method (std band over runs)
+
+AUC is the area under accuracy-vs-ε divided by the ε range, i.e. the mean
+accuracy over the swept range (with one level: that level's accuracy).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..config import RunConfig, load_yaml
+from ..data.base import DataBundle
+from ..data.batch import collate
+from ..data.corruptions import Corruption, build_corruption
+from ..data.loading import load_dataset
+from ..errors import MMBalanceError
+from ..experiments.summary import fmt, group_by_method, mean_std
+from ..training.checkpoint import atomic_write_json, atomic_write_text
+from ..training.trainer import Trainer, check_writable
+
+ALL_MODALITIES = "all"
+
+
+def parse_levels(text: str) -> list[float]:
+    """``'0,0.5,1'`` -> ``[0.0, 0.5, 1.0]``; distinct, increasing, finite and >= 0."""
+    try:
+        levels = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise MMBalanceError(f"bad levels '{text}': expected comma-separated numbers such as 0,0.5,1") from None
+    if not all(math.isfinite(v) and v >= 0 for v in levels):
+        raise MMBalanceError(f"bad levels '{text}': every level must be a finite number >= 0")
+    if any(b <= a for a, b in zip(levels, levels[1:])):
+        raise MMBalanceError(f"bad levels '{text}': levels must be distinct and increasing")
+    return levels
+
+
+def parse_sweep(text: str) -> tuple[str, list[float]]:
+    """``'gaussian:0,1,2'`` -> ``('gaussian', [0.0, 1.0, 2.0])`` (bench's ``--robust``)."""
+    name, sep, levels = text.partition(":")
+    if not sep or not name.strip():
+        raise MMBalanceError(f"bad --robust '{text}': expected CORRUPTION:LEVELS, e.g. gaussian:0,1,2")
+    return name.strip(), parse_levels(levels)
+
+
+def build_corruptions(name: str, levels: Sequence[float], fraction: float, seed: int, options: dict | None) -> list[Corruption]:
+    """One corruption per level; validates the name, options, fraction and seed before any work."""
+    if not levels:
+        raise MMBalanceError("no corruption levels given")
+    return [build_corruption(name, level, fraction, seed, options) for level in levels]
+
+
+def resolve_targets(requested: Sequence[str] | None, modalities: list[str]) -> dict[str, list[str]]:
+    """Target name -> the modalities it corrupts; by default each modality in turn."""
+    targets = {}
+    for name in requested or modalities:
+        if name == ALL_MODALITIES:
+            targets[name] = list(modalities)
+        elif name in modalities:
+            targets[name] = [name]
+        else:
+            raise MMBalanceError(
+                f"unknown modality '{name}' (allowed: {', '.join(modalities)}, or {ALL_MODALITIES} for every one at once)"
+            )
+    return targets
+
+
+def check_applicable(corruption: Corruption, bundle: DataBundle, targets: dict[str, list[str]]) -> None:
+    """Fail on an incompatible modality (blur on vectors, token_mask on floats) before any evaluation."""
+    sample = collate([bundle.test[0]])
+    for modalities in targets.values():
+        for modality in modalities:
+            corruption.check(modality, sample.inputs[modality])
+
+
+def check_sweep(name: str, levels: Sequence[float], config: RunConfig) -> None:
+    """Fail on a bad corruption, level or modality before a benchmark trains anything."""
+    corruptions = build_corruptions(name, levels, 0.5, 0, None)
+    bundle = load_dataset(config)
+    check_applicable(corruptions[-1], bundle, resolve_targets(None, bundle.modalities))
+
+
+@dataclass
+class CorruptedLoader:
+    """A loader whose batches pass through a corruption first."""
+
+    loader: object
+    corruption: Corruption
+    modalities: list[str]
+
+    def __iter__(self):
+        return (self.corruption(batch, self.modalities) for batch in self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+@contextmanager
+def corrupted_test_split(trainer: Trainer, corruption: Corruption, modalities: list[str]):
+    clean = trainer.test_loader
+    trainer.test_loader = CorruptedLoader(clean, corruption, modalities)
+    try:
+        yield
+    finally:
+        trainer.test_loader = clean
+
+
+def check_run_folder(run_dir: Path) -> None:
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "best.pt").is_file():
+        raise MMBalanceError(f"{run_dir} is not a finished run folder (needs config.yaml and best.pt)")
+
+
+def load_run(run_dir: Path) -> Trainer:
+    """The run rebuilt from its config with its best checkpoint loaded."""
+    check_run_folder(run_dir)
+    trainer = Trainer(RunConfig(load_yaml(run_dir / "config.yaml")), None, quiet=True)
+    trainer.load_weights(run_dir / "best.pt")
+    return trainer
+
+
+def run_label(run_dir: Path, config: RunConfig) -> str:
+    """The folder name without its ``-seedN`` suffix (bench's naming), else the method."""
+    match = re.fullmatch(rf"(.+)-seed{config.seed}", run_dir.name)
+    return match[1] if match else config.method
+
+
+def area_under_curve(levels: Sequence[float], accuracies: Sequence[float]) -> float:
+    """Trapezoidal area under accuracy-vs-ε divided by the ε range."""
+    if len(levels) == 1:
+        return float(accuracies[0])
+    area = sum((b - a) * (fa + fb) / 2 for a, b, fa, fb in zip(levels, levels[1:], accuracies, accuracies[1:]))
+    return area / (levels[-1] - levels[0])
+
+
+def evaluate_run(trainer: Trainer, corruptions: list[Corruption], targets: dict[str, list[str]], log: Callable[[str], None]) -> dict:
+    """Test accuracy per target and level; ε = 0 is the clean accuracy, computed once."""
+    clean = trainer.evaluate("test")["accuracy"]
+    accuracy: dict[str, list[float]] = {}
+    for target, modalities in targets.items():
+        row = []
+        for corruption in corruptions:
+            if corruption.level == 0:
+                row.append(clean)
+            else:
+                with corrupted_test_split(trainer, corruption, modalities):
+                    row.append(trainer.evaluate("test")["accuracy"])
+            log(f"  {target} ε={corruption.level:g}: accuracy {100 * row[-1]:.2f}%")
+        accuracy[target] = row
+    return {"clean_accuracy": clean, "accuracy": accuracy}
+
+
+def robustness_report(
+    runs: Sequence[str | Path],
+    corruption: str,
+    levels: Sequence[float],
+    out_dir: str | Path,
+    modalities: Sequence[str] | None = None,
+    fraction: float = 0.5,
+    seed: int = 0,
+    options: dict | None = None,
+    labels: Sequence[str] | None = None,
+    command: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Evaluate every run under the corruption and write the report; everything is checked before writing."""
+    log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+    out_dir = Path(out_dir)
+    run_dirs = [Path(r) for r in runs]
+    if not run_dirs:
+        raise MMBalanceError("no runs given")
+    corruptions = build_corruptions(corruption, list(levels), fraction, seed, options)
+    for run_dir in run_dirs:
+        check_run_folder(run_dir)
+    trainer = load_run(run_dirs[0])
+    targets = resolve_targets(modalities, trainer.bundle.modalities)
+    check_applicable(corruptions[-1], trainer.bundle, targets)
+    check_writable(out_dir)
+
+    records = []
+    for k, run_dir in enumerate(run_dirs):
+        if k > 0:
+            trainer = load_run(run_dir)
+            resolve_targets([m for mods in targets.values() for m in mods], trainer.bundle.modalities)
+        config = trainer.config
+        label = labels[k] if labels else run_label(run_dir, config)
+        log(f"[{k + 1}/{len(run_dirs)}] {run_dir}: {corruption} on {', '.join(targets)}")
+        record = {"run": str(run_dir), "label": label, "method": config.method, "seed": config.seed}
+        record.update(evaluate_run(trainer, corruptions, targets, log))
+        record["auc"] = {t: area_under_curve(list(levels), acc) for t, acc in record["accuracy"].items()}
+        records.append(record)
+
+    report = {
+        "corruption": corruption,
+        "options": corruptions[0].config.model_dump(),
+        "levels": list(levels),
+        "fraction": fraction,
+        "seed": seed,
+        "split": "test",
+        "targets": targets,
+        "runs": records,
+    }
+    atomic_write_json(out_dir / "robustness.json", report)
+    atomic_write_text(out_dir / "robustness.md", markdown_report(report, command))
+    for target in targets:
+        plot_target(report, target, out_dir / f"robustness-{target}.png")
+    return report
+
+
+def markdown_report(report: dict, command: str | None = None) -> str:
+    levels = report["levels"]
+    options = ", ".join(f"{k}={v}" for k, v in report["options"].items())
+    parts = [f"# Robustness to `{report['corruption']}`", ""]
+    if command:
+        parts += ["Command:", "", "```", command, "```", ""]
+    parts += [
+        f"Test accuracy (%) of each run's best checkpoint with `{report['corruption']}`"
+        + (f" ({options})" if options else "")
+        + f" applied at level ε to a fraction {report['fraction']:g} of the test samples (seed {report['seed']}),"
+        " mean ± std over the runs of each method. AUC: area under accuracy-vs-ε divided by the ε range.",
+        "",
+    ]
+    groups = group_by_method(report["runs"])
+    for target, modalities in report["targets"].items():
+        parts += [f"## Corrupted: {' + '.join(modalities)}", ""]
+        header = ["method", "runs", *[f"ε={v:g}" for v in levels], "AUC"]
+        parts += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for label, runs in groups.items():
+            cells = [label, str(len(runs))]
+            cells += [fmt([r["accuracy"][target][i] for r in runs]) for i in range(len(levels))]
+            cells.append(fmt([r["auc"][target] for r in runs]))
+            parts.append("| " + " | ".join(cells) + " |")
+        parts += ["", f"![accuracy against ε](robustness-{target}.png)", ""]
+    return "\n".join(parts)
+
+
+def plot_target(report: dict, target: str, path: Path) -> None:
+    """Accuracy against ε, one curve per method, a std band where a method has several runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = report["levels"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, runs in group_by_method(report["runs"]).items():
+        stats = [mean_std([100 * r["accuracy"][target][i] for r in runs]) for i in range(len(levels))]
+        means = [s[0] for s in stats]
+        line, = ax.plot(levels, means, marker="o", label=f"{label} (n={len(runs)})")
+        if len(runs) > 1:
+            ax.fill_between(levels, [m - s for m, s in stats], [m + s for m, s in stats], color=line.get_color(), alpha=0.2)
+    modalities = " + ".join(report["targets"][target])
+    ax.set_xlabel("ε")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{report['corruption']} on {modalities} (fraction {report['fraction']:g})")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
