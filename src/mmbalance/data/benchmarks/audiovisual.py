@@ -1,0 +1,240 @@
+"""Audio-visual classification benchmarks: CREMA-D, AVE, Kinetics-Sounds.
+
+All three follow the layout of OGM-GE's preprocessing (Peng et al., CVPR
+2022): list files of clip ids and labels, one audio file per clip and one
+folder of extracted frames per clip. Audio becomes a log-magnitude
+spectrogram ``(1, F, T)`` (see ``media.Spectrogram``), frames a stack
+``(T, 3, H, W)``; ResNet-18 encoders (``model.encoder: resnet18``) as in
+the papers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Optional
+
+from pydantic import Field
+
+from ...errors import DataError
+from ...registry import DATASETS
+from ..base import DataBundle
+from .common import FileConfig, bundle_from_records, class_index, first_existing, read_rows, require_dir, root_of
+from .media import FramesReader, Spectrogram
+
+HEADER_WORDS = {"label", "labels", "class", "emotion", "category", "name", "id", "clip", "clip_id", "youtube_id"}
+
+AV_DEFAULTS = {
+    "train.epochs": 100,
+    "train.batch_size": 64,
+    "train.optimizer": "sgd",
+    "train.lr": 1e-3,
+    "train.momentum": 0.9,
+    "train.weight_decay": 1e-4,
+    "train.scheduler": "step",
+    "train.step_size": 70,
+    "train.gamma": 0.1,
+    "model.encoder": "resnet18",
+    "model.feature_dim": 512,
+}
+
+
+class AudioVisualConfig(FileConfig):
+    frames: int = Field(3, ge=1, description="frames per clip, evenly spaced")
+    image_size: int = Field(224, ge=8, description="frames are resized to image_size x image_size")
+    sample_rate: int = Field(16000, ge=1000, description="audio is resampled to this rate (Hz)")
+    audio_seconds: float = Field(10.0, gt=0, description="audio is repeated or cut to this length")
+    n_fft: int = Field(512, ge=16, description="STFT window; the spectrogram has n_fft // 2 + 1 bins")
+    hop_length: int = Field(160, ge=1, description="STFT hop; frames = 1 + samples // hop_length")
+
+
+class AudioVisualBenchmark:
+    """Shared loader; subclasses say where the lists and media live and how a list row reads."""
+
+    name: ClassVar[str]
+    lists: ClassVar[dict[str, str]]  # split -> list file; "val" may be absent from disk
+    delimiter: ClassVar[str] = ","
+    audio_dirs: ClassVar[tuple[str, ...]]
+    frame_dirs: ClassVar[tuple[str, ...]]
+    layout: ClassVar[str]
+    Config: ClassVar[type[AudioVisualConfig]]
+    defaults: ClassVar[dict] = AV_DEFAULTS
+
+    @classmethod
+    def parse(cls, rows: list[list[str]], path: Path) -> list[tuple[str, str]]:
+        """``(clip_id, class name)`` of each row; a header row is dropped."""
+        pairs = []
+        for number, row in enumerate(rows, start=1):
+            if len(row) < 2 or not row[0]:
+                raise DataError(f"{path} line {number} is not 'clip_id{cls.delimiter}label' (expected {cls.layout})")
+            if number == 1 and row[1].lower() in HEADER_WORDS:
+                continue
+            pairs.append((row[0], row[1]))
+        return pairs
+
+    @classmethod
+    def classes(cls, names: list[str], options) -> dict[str, int]:
+        return class_index(names, options.num_classes, f"the {cls.name} lists", f"{cls.name}.num_classes")
+
+    @classmethod
+    def load(cls, config) -> DataBundle:
+        options = config.section(cls.name)
+        root = root_of(config, cls.name)
+        require_dir(root, cls.name, cls.layout)
+        audio_dir = first_existing(root, cls.audio_dirs)
+        frame_dir = first_existing(root, cls.frame_dirs)
+        missing = [name for name in ("train", "test") if not (root / cls.lists[name]).is_file()]
+        if missing or audio_dir is None or frame_dir is None:
+            what = cls.lists[missing[0]] if missing else ("an audio folder" if audio_dir is None else "a frames folder")
+            raise DataError(f"{root} does not have the {cls.name} layout: no {what} (expected {cls.layout})")
+        parsed = {
+            split: cls.parse(read_rows(root / file, cls.delimiter), root / file)
+            for split, file in cls.lists.items()
+            if (root / file).is_file()
+        }
+        index = cls.classes([label for pairs in parsed.values() for _, label in pairs], options)
+        splits = {
+            split: [
+                {"audio": str(audio_dir / clip), "frames": str(frame_dir / clip), "label": index[label], "clip": clip}
+                for clip, label in pairs
+            ]
+            for split, pairs in parsed.items()
+        }
+        spectrogram = Spectrogram(
+            "audio", options.sample_rate, options.audio_seconds, options.n_fft, options.hop_length
+        )
+        frames = FramesReader("frames", options.frames, options.image_size)
+        readers = {"audio": spectrogram, "visual": frames}
+        return bundle_from_records(
+            config,
+            cls.name,
+            splits,
+            readers,
+            {"audio": spectrogram.probe, "visual": frames.probe},
+            {"audio": spectrogram.shape, "visual": frames.shape},
+            sorted(index, key=index.get),
+            {"root": str(root), "audio_dir": audio_dir.name, "frame_dir": frame_dir.name},
+        )
+
+
+CREMAD_CLASSES = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]  # OGM-GE's order
+
+
+def emotion_of(clip: str) -> str:
+    parts = clip.split("_")
+    return parts[2] if len(parts) > 2 else ""
+
+
+@DATASETS.register("cremad")
+class CremaD(AudioVisualBenchmark):
+    """CREMA-D: 7,442 acted clips, 6 emotions, audio + frames (OGM-GE layout).
+
+    Layout under ``data.root``::
+
+        train.csv, test.csv       rows  clip_id,EMOTION  (e.g. 1001_DFA_ANG_XX,ANG; EMOTION in
+                                  NEU HAP SAD FEA DIS ANG; a header row is allowed; a row of just
+                                  clip_id takes the emotion from the id; optional val.csv)
+        AudioWAV/<clip_id>.wav    (or audio/<clip_id>.{wav,npy,pkl}, a precomputed (257, T) spectrogram)
+        Image-01-FPS/<clip_id>/*.jpg   (or frames/<clip_id>/, visual/<clip_id>/)
+
+    Without val.csv, a stratified ``data.val_fraction`` of train (seeded by
+    ``data.split_seed``) is the validation split; test stays official.
+    Audio: 22,050 Hz, 3 s, n_fft 512, hop 353 -> (1, 257, 188), as OGM-GE.
+    """
+
+    name = "cremad"
+    lists = {"train": "train.csv", "val": "val.csv", "test": "test.csv"}
+    audio_dirs = ("AudioWAV", "audio")
+    frame_dirs = ("Image-01-FPS", "frames", "visual")
+    layout = (
+        "ROOT/{train,test}.csv with rows clip_id,EMOTION, ROOT/AudioWAV/<clip_id>.wav "
+        "and ROOT/Image-01-FPS/<clip_id>/*.jpg"
+    )
+
+    class Config(AudioVisualConfig):
+        frames: int = Field(1, ge=1, description="frames per clip, evenly spaced")
+        sample_rate: int = Field(22050, ge=1000, description="audio is resampled to this rate (Hz)")
+        audio_seconds: float = Field(3.0, gt=0, description="audio is repeated or cut to this length")
+        hop_length: int = Field(353, ge=1, description="STFT hop; frames = 1 + samples // hop_length")
+
+    @classmethod
+    def parse(cls, rows, path):
+        # A one-column list is allowed: the emotion is the third field of the clip id (1001_DFA_ANG_XX).
+        rows = [row if len(row) >= 2 else [row[0], emotion_of(row[0])] for row in rows]
+        pairs = super().parse(rows, path)
+        for clip, label in pairs:
+            if label not in CREMAD_CLASSES:
+                raise DataError(f"{path}: clip {clip} has label {label!r} (allowed: {', '.join(CREMAD_CLASSES)})")
+        return pairs
+
+    @classmethod
+    def classes(cls, names, options):
+        return {name: k for k, name in enumerate(CREMAD_CLASSES)}
+
+
+@DATASETS.register("ave")
+class AVE(AudioVisualBenchmark):
+    """AVE (Audio-Visual Event): 4,143 ten-second clips, 28 event classes, audio + frames.
+
+    Layout under ``data.root`` (the AVE release plus OGM-GE's extraction)::
+
+        trainSet.txt, valSet.txt, testSet.txt   rows  Category&VideoID&Quality&StartTime&EndTime
+                                                (a header row is allowed)
+        Audio-1004-SE/<VideoID>.{wav,npy,pkl}   (or audio/...; .npy/.pkl: a (257, T) spectrogram)
+        Image-01-FPS/<VideoID>/*.jpg            (or frames/<VideoID>/, visual/<VideoID>/)
+
+    The official train/val/test lists are kept. Classes are the sorted
+    categories; ``ave.num_classes`` (28) is checked. Audio: 16 kHz, 10 s,
+    n_fft 512, hop 160 -> (1, 257, 1001).
+    """
+
+    name = "ave"
+    lists = {"train": "trainSet.txt", "val": "valSet.txt", "test": "testSet.txt"}
+    delimiter = "&"
+    audio_dirs = ("Audio-1004-SE", "audio")
+    frame_dirs = ("Image-01-FPS", "frames", "visual")
+    layout = (
+        "ROOT/{trainSet,valSet,testSet}.txt with rows Category&VideoID&Quality&Start&End, "
+        "ROOT/Audio-1004-SE/<VideoID>.{wav,npy,pkl} and ROOT/Image-01-FPS/<VideoID>/*.jpg"
+    )
+
+    class Config(AudioVisualConfig):
+        num_classes: Optional[int] = Field(28, ge=2, description="expected number of categories; null accepts any")
+
+    @classmethod
+    def parse(cls, rows, path):
+        pairs = []
+        for number, row in enumerate(rows, start=1):
+            if len(row) < 2 or not row[1]:
+                raise DataError(f"{path} line {number} is not 'Category&VideoID&...' (expected {cls.layout})")
+            if row[1] == "VideoID":
+                continue
+            pairs.append((row[1], row[0]))
+        return pairs
+
+
+@DATASETS.register("kinetics_sounds")
+class KineticsSounds(AudioVisualBenchmark):
+    """Kinetics-Sounds: the 31 Kinetics classes that can be heard, audio + frames.
+
+    Layout under ``data.root``::
+
+        train.csv, test.csv       rows  clip_id,class name  (a header row is allowed; optional val.csv)
+        audio/<clip_id>.{wav,npy,pkl}
+        frames/<clip_id>/*.jpg    (or visual/<clip_id>/, Image-01-FPS/<clip_id>/)
+
+    Classes are the sorted names; ``kinetics_sounds.num_classes`` (31) is
+    checked. Without val.csv a stratified part of train is validation.
+    Audio: 16 kHz, 10 s, n_fft 512, hop 160 -> (1, 257, 1001).
+    """
+
+    name = "kinetics_sounds"
+    lists = {"train": "train.csv", "val": "val.csv", "test": "test.csv"}
+    audio_dirs = ("audio",)
+    frame_dirs = ("frames", "visual", "Image-01-FPS")
+    layout = (
+        "ROOT/{train,test}.csv with rows clip_id,class, ROOT/audio/<clip_id>.{wav,npy,pkl} "
+        "and ROOT/frames/<clip_id>/*.jpg"
+    )
+
+    class Config(AudioVisualConfig):
+        num_classes: Optional[int] = Field(31, ge=2, description="expected number of classes; null accepts any")

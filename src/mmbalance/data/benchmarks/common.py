@@ -1,0 +1,178 @@
+"""Shared machinery of the file-based benchmark loaders.
+
+Real benchmarks are too large to hold in memory, so a split is a list of
+records (the paths of one sample's files) read on demand. Every record is
+checked when the dataset loads, so a missing or unreadable file fails (or is
+skipped, with ``data.on_error=skip``) before training starts instead of in
+the middle of an epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from ...config import Section
+from ...errors import DataError
+from ..base import DataBundle, MultimodalDataset, select_views
+from ..loading import default_data_root
+from ..splits import stratified_split
+
+Reader = Callable[[dict], torch.Tensor]
+
+
+class FileConfig(Section):
+    """Options every file-based benchmark shares."""
+
+    check: Literal["header", "decode"] = Field(
+        "header",
+        description="load-time check of each file: header (exists and its header parses; fast) "
+        "or decode (read every sample once; slow but catches truncated files)",
+    )
+
+
+class FileDataset(MultimodalDataset):
+    """A split read lazily: ``records[i]`` holds the paths that ``readers`` turn into tensors."""
+
+    def __init__(self, records: list[dict], readers: dict[str, Reader], labels: Sequence[int], index: Sequence[int]):
+        self.records = records
+        self.readers = readers
+        self.modalities = list(readers)
+        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        self.index = torch.as_tensor(np.asarray(index, dtype=np.int64))
+
+    def __getitem__(self, i: int) -> dict:
+        record = self.records[i]
+        sample: dict[str, Any] = {m: read(record) for m, read in self.readers.items()}
+        sample["label"] = int(self.labels[i])
+        sample["index"] = int(self.index[i])
+        return sample
+
+
+def root_of(config, name: str) -> Path:
+    """``data.root`` if set, else the default data folder of ``name``."""
+    return Path(config.data.root).expanduser() if config.data.root else default_data_root(name)
+
+
+def require_dir(root: Path, name: str, layout: str) -> None:
+    if not root.is_dir():
+        raise DataError(f"{name} data not found: {root} is not a folder (expected {layout}; set data.root)")
+
+
+def first_existing(root: Path, candidates: Sequence[str]) -> Path | None:
+    for candidate in candidates:
+        if (root / candidate).exists():
+            return root / candidate
+    return None
+
+
+def read_rows(path: Path, delimiter: str = ",") -> list[list[str]]:
+    """Non-empty rows of a list file, fields stripped."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = [[field.strip() for field in row] for row in csv.reader(handle, delimiter=delimiter)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    return [row for row in rows if any(row)]
+
+
+def class_index(names: Sequence[str], expected: int | None, source: str, option: str) -> dict[str, int]:
+    """Sorted class names -> ids, checking the count a benchmark is known to have."""
+    classes = sorted(set(names))
+    if expected is not None and len(classes) != expected:
+        raise DataError(
+            f"{source} name {len(classes)} classes, expected {expected} (set {option}=null to accept any number)"
+        )
+    return {name: k for k, name in enumerate(classes)}
+
+
+def carve_val(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, val)`` rows: a stratified, seeded validation part for benchmarks without an official one."""
+    val, train = stratified_split(labels, (fraction,), seed)
+    return train, val
+
+
+def split_seed(config) -> int:
+    return config.seed if config.data.split_seed is None else config.data.split_seed
+
+
+class Checker:
+    """Applies ``data.on_error`` to records with a bad file and counts the skips."""
+
+    def __init__(self, on_error: str, mode: str, readers: dict[str, Reader], probes: dict[str, Callable[[dict], None]]):
+        self.on_error = on_error
+        self.mode = mode
+        self.readers = readers
+        self.probes = probes
+        self.skipped: list[str] = []
+
+    def keep(self, record: dict) -> bool:
+        try:
+            for modality in self.readers:
+                if self.mode == "decode":
+                    self.readers[modality](record)
+                else:
+                    self.probes[modality](record)
+        except DataError as exc:
+            if self.on_error == "raise":
+                raise
+            self.skipped.append(str(exc))
+            return False
+        return True
+
+    def filter(self, records: list[dict]) -> list[dict]:
+        return [r for r in records if self.keep(r)]
+
+    def info(self) -> dict:
+        return {"skipped": len(self.skipped), "skipped_examples": self.skipped[:5]}
+
+
+def bundle_from_records(
+    config,
+    name: str,
+    splits: dict[str, list[dict]],
+    readers: dict[str, Reader],
+    probes: dict[str, Callable[[dict], None]],
+    input_shapes: dict[str, tuple[int, ...]],
+    class_names: list[str],
+    info: dict,
+) -> DataBundle:
+    """Check every record, apply ``data.views`` and build the three lazy splits.
+
+    ``splits`` has ``train`` and ``test`` and, where the benchmark ships one,
+    ``val``; without it a stratified part of train becomes validation.
+    Each record carries its ``label``.
+    """
+    views = select_views(readers, config.data.views, name)
+    readers = {m: readers[m] for m in views}
+    checker = Checker(config.data.on_error, config.section(name).check, readers, probes)
+    kept = {split: checker.filter(records) for split, records in splits.items()}
+    if "val" not in kept:
+        train = kept["train"]
+        labels = np.array([r["label"] for r in train], dtype=np.int64)
+        rows_train, rows_val = carve_val(labels, config.data.val_fraction, split_seed(config))
+        kept["train"] = [train[k] for k in rows_train]
+        kept["val"] = [train[k] for k in rows_val]
+        info = {**info, "val": "carved from train"}
+    datasets = {}
+    offset = 0
+    for split in ("train", "val", "test"):
+        records = kept[split]
+        labels = [r["label"] for r in records]
+        datasets[split] = FileDataset(records, readers, labels, range(offset, offset + len(records)))
+        offset += len(records)
+    return DataBundle(
+        train=datasets["train"],
+        val=datasets["val"],
+        test=datasets["test"],
+        num_classes=len(class_names),
+        modalities=views,
+        input_shapes={m: input_shapes[m] for m in views},
+        class_names=list(class_names),
+        info={**info, **checker.info()},
+    )

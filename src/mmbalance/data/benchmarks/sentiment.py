@@ -1,0 +1,165 @@
+"""CMU-MOSI and CMU-MOSEI from the aligned/unaligned pickles of the MulT preprocessing.
+
+The pickle (Tsai et al., ACL 2019; the files ``mosi_data.pkl``,
+``mosi_data_noalign.pkl``, ``mosei_senti_data.pkl``,
+``mosei_senti_data_noalign.pkl``) is a dict with ``train``, ``valid`` and
+``test``, each a dict of arrays: ``vision`` (N, T_v, D_v), ``audio``
+(N, T_a, D_a), ``text`` (N, T_t, D_t, GloVe vectors) and ``labels``
+(N, 1, 1) sentiment in [-3, 3]. The official splits are kept.
+
+Sentiment is a regression score; it is turned into classes because the
+library trains classifiers: ``labels: binary`` (default) is positive when
+score >= 0, the "non-negative" binary accuracy of MulT's evaluation;
+``labels: 7class`` rounds the score clipped to [-3, 3] to classes 0..6
+(-3 -> 0). Non-finite features (MOSEI's audio has -inf) become 0, so a
+time step that was all zeros stays padding for the ``transformer`` encoder.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from ...config import Section
+from ...errors import DataError
+from ...registry import DATASETS
+from ..base import DataBundle, TensorDataset, select_views
+from .common import root_of
+
+MODALITIES = ("audio", "vision", "text")
+SPLITS = {"train": "train", "val": "valid", "test": "test"}
+SEVEN = ["-3", "-2", "-1", "0", "1", "2", "3"]
+
+
+class SentimentConfig(Section):
+    aligned: bool = Field(True, description="word-aligned pickle (all T = 50) or the unaligned one")
+    labels: Literal["binary", "7class"] = Field(
+        "binary", description="binary: score >= 0 is positive; 7class: score clipped to [-3, 3] and rounded"
+    )
+
+
+def sentiment_classes(scores: np.ndarray, scheme: str) -> np.ndarray:
+    if scheme == "binary":
+        return (scores >= 0).astype(np.int64)
+    return (np.round(np.clip(scores, -3, 3)) + 3).astype(np.int64)
+
+
+def read_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as handle:
+            data = pickle.load(handle, encoding="latin1")
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as exc:
+        raise DataError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return data
+
+
+def check_layout(data, path: Path, layout: str) -> None:
+    if not isinstance(data, dict) or any(not isinstance(data.get(s), dict) for s in SPLITS.values()):
+        raise DataError(f"{path} does not have the MulT layout (expected {layout})")
+    for split in SPLITS.values():
+        missing = [key for key in (*MODALITIES, "labels") if key not in data[split]]
+        if missing:
+            raise DataError(f"{path}: split '{split}' has no '{missing[0]}' array (expected {layout})")
+
+
+class SentimentBenchmark:
+    name: ClassVar[str]
+    files: ClassVar[dict[bool, str]]  # aligned -> file name
+    Config = SentimentConfig
+    defaults: ClassVar[dict] = {
+        "train.epochs": 40,
+        "train.batch_size": 32,
+        "train.optimizer": "adamw",
+        "train.lr": 1e-3,
+        "train.grad_clip": 0.8,
+        "model.encoder": "transformer",  # one for all: every modality is a (T, D) sequence, and views may drop any
+        "model.feature_dim": 64,
+        "model.hidden_dim": 64,
+        "model.dropout": 0.1,
+    }
+
+    @classmethod
+    def layout(cls) -> str:
+        return (
+            f"{cls.files[True]} or {cls.files[False]} in data.root (or data.path to the pickle), a dict with "
+            "train/valid/test, each with vision, audio, text (N, T, D) and labels (N, 1, 1) arrays"
+        )
+
+    @classmethod
+    def path_of(cls, config) -> Path:
+        options = config.section(cls.name)
+        if config.data.path:
+            path = Path(config.data.path).expanduser()
+        else:
+            path = root_of(config, cls.name) / cls.files[options.aligned]
+        if not path.is_file():
+            raise DataError(f"{cls.name} pickle not found: {path} (expected {cls.layout()})")
+        return path
+
+    @classmethod
+    def load(cls, config) -> DataBundle:
+        options = config.section(cls.name)
+        path = cls.path_of(config)
+        data = read_pickle(path)
+        check_layout(data, path, cls.layout())
+        views = select_views(dict.fromkeys(MODALITIES), config.data.views, cls.name)
+        parts = {}
+        offset = 0
+        shapes: dict[str, tuple[int, ...]] = {}
+        for split, key in SPLITS.items():
+            arrays = data[key]
+            scores = np.asarray(arrays["labels"], dtype=np.float64).reshape(len(arrays["labels"]), -1)[:, 0]
+            count = scores.shape[0]
+            inputs = {}
+            for m in views:
+                features = np.nan_to_num(np.asarray(arrays[m], dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+                if features.ndim != 3 or features.shape[0] != count:
+                    raise DataError(
+                        f"{path}: '{key}/{m}' has shape {features.shape}, expected ({count}, T, D) for {count} labels"
+                    )
+                if shapes.setdefault(m, features.shape[1:]) != features.shape[1:]:
+                    raise DataError(
+                        f"{path}: '{key}/{m}' has shape {features.shape[1:]} per sample, other splits {shapes[m]}"
+                    )
+                inputs[m] = torch.from_numpy(features)
+            labels = torch.from_numpy(sentiment_classes(scores, options.labels))
+            parts[split] = TensorDataset(inputs, labels, torch.arange(offset, offset + count))
+            offset += count
+        class_names = ["negative", "positive"] if options.labels == "binary" else SEVEN
+        return DataBundle(
+            train=parts["train"],
+            val=parts["val"],
+            test=parts["test"],
+            num_classes=len(class_names),
+            modalities=views,
+            input_shapes={m: tuple(shapes[m]) for m in views},
+            class_names=class_names,
+            info={"path": str(path), "labels": options.labels, "aligned": options.aligned},
+        )
+
+
+@DATASETS.register("mosi")
+class MOSI(SentimentBenchmark):
+    """CMU-MOSI: 2,199 opinion clips, audio + vision + text sequences (MulT pickles), binary or 7-class."""
+
+    name = "mosi"
+    files = {True: "mosi_data.pkl", False: "mosi_data_noalign.pkl"}
+
+    class Config(SentimentConfig):
+        pass
+
+
+@DATASETS.register("mosei")
+class MOSEI(SentimentBenchmark):
+    """CMU-MOSEI: 22,856 opinion clips, audio + vision + text sequences (MulT pickles), binary or 7-class."""
+
+    name = "mosei"
+    files = {True: "mosei_senti_data.pkl", False: "mosei_senti_data_noalign.pkl"}
+
+    class Config(SentimentConfig):
+        pass
