@@ -119,10 +119,12 @@ def test_before_start_epoch_gradients_are_those_of_the_plain_loss():
     reference = copy.deepcopy(model)
     result, grads = gradients(model, arl(start_epoch=1), batch, epoch=0)
     features = reference.encode(batch.inputs)
-    # CE(fused) + 4 Σ_m CE(fusion head with the other modality zeroed)
+    # CE(fused) + 4 Σ_m CE(fusion head with the other modality zeroed) + the heads' detached probes
     loss = F.cross_entropy(reference.fuse(features), batch.labels) + 4 * sum(
         F.cross_entropy(reference.fuse(zero_out(features, [m])), batch.labels) for m in "ab"
     )
+    probes = reference.heads({m: f.detach() for m, f in features.items()})
+    loss = loss + sum(F.cross_entropy(z, batch.labels) for z in probes.values())
     loss.backward()
     assert result.loss.item() == pytest.approx(loss.item(), rel=1e-6)
     assert result.logs["arl/accelerating"] == 0.0

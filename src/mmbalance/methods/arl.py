@@ -105,4 +105,6 @@ class ARL(Method):
         logs["arl/accelerating"] = float(self.accelerating(ctx.epoch))
         for name, values in stats.items():
             logs.update({f"arl/{name}/{m}": value for m, value in zip(self.modalities, values)})
-        return StepResult(fused_loss + self.config.unimodal_weight * unimodal_loss, logits, logs)
+        # ARL trains no unimodal heads; fit them as detached probes so the diagnostics can read them
+        probe_loss = self.probe_loss(model, features, labels)
+        return StepResult(fused_loss + self.config.unimodal_weight * unimodal_loss + probe_loss, logits, logs)
