@@ -78,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     f = data_sub.add_parser("fetch", parents=common, help="download a dataset into its data folder")
     f.add_argument("name")
     f.add_argument("--root", help="destination folder (default: the dataset's cache folder)")
+    f = data_sub.add_parser("prepare", parents=common,
+                            help="raw audio-visual clips -> the loader's layout (frames, cached spectrograms, lists)")
+    f.add_argument("name", help="cremad, ave or kinetics_sounds")
+    f.add_argument("--raw", required=True, metavar="DIR", help="raw videos/, audio/*.wav, frames/ and list files")
+    f.add_argument("--out", required=True, metavar="DIR", help="prepared folder (use as data.root)")
+    f.add_argument("--fps", type=float, default=1.0, help="frames per second extracted from videos (default 1)")
+    f.add_argument("--test-fraction", type=float, default=0.1,
+                   help="cremad without list files: stratified test fraction (default 0.1)")
+    f.add_argument("--seed", type=int, default=0, help="seed of that split (default 0)")
+    f.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="loader option for the spectrogram, e.g. --set cremad.hop_length=353 (repeatable)")
 
     p = sub.add_parser("bench", parents=common, help="every method x seed on one dataset, with a summary")
     p.add_argument("--dataset", required=True)
@@ -169,6 +180,8 @@ def cmd_list(args) -> int:
 
 
 def cmd_data(args) -> int:
+    if args.data_command == "prepare":
+        return cmd_data_prepare(args)
     from .data.loading import default_data_root
     from .registry import DATASETS
 
@@ -182,6 +195,20 @@ def cmd_data(args) -> int:
     path = plugin.fetch(root)
     print(f"{args.name}: ready in {path}")
     return 0
+
+
+def cmd_data_prepare(args) -> int:
+    from .data.prepare import prepare
+
+    counts = prepare(args.name, Path(args.raw), Path(args.out), args.overrides, fps=args.fps,
+                     test_fraction=args.test_fraction, seed=args.seed, log=None if args.quiet else _stderr)
+    print(f"{args.name}: {counts['clips']} clips ({counts['written']} written, {counts['skipped']} already complete) "
+          f"ready in {args.out}; train with --set data.root={args.out}")
+    return 0
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def cmd_bench(args, command: str) -> int:
