@@ -134,7 +134,7 @@ def test_debug_shows_traceback(tmp_path):
 def test_killed_training_resumes_to_the_same_metrics(tmp_path):
     """A real SIGKILL in the middle of a run, then ``train --resume DIR``."""
     common = [*TINY, "--set", "train.epochs=60", "--set", "synthetic.num_samples=600"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     cli = [sys.executable, "-m", "mmbalance", "--quiet", "train"]
     subprocess.run([*cli, "--out", str(tmp_path / "full"), *common], check=True, env=env, capture_output=True)
     proc = subprocess.Popen([*cli, "--out", str(tmp_path / "killed"), *common], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
