@@ -79,3 +79,19 @@ def test_unknown_modality_in_encoder_override():
     config = ModelConfig(encoders={"depth": "cnn"})
     with pytest.raises(ConfigError, match="model.encoders names modality 'depth'"):
         build_model(config, ["a", "b"], {"a": (3,), "b": (3,)}, 2)
+
+
+def test_model_loads_local_pretrained_encoder_weights(tmp_path):
+    source = build_encoder("mlp", (5,), 6, 8, 0.0)
+    path = tmp_path / "audio.pt"
+    torch.save(source.state_dict(), path)
+    config = ModelConfig(feature_dim=6, hidden_dim=8, pretrained={"audio": str(path)})
+    model = build_model(config, ["audio", "video"], {"audio": (5,), "video": (3,)}, 2)
+    for name, value in source.state_dict().items():
+        assert torch.equal(model.encoders["audio"].state_dict()[name], value)
+    with pytest.raises(ConfigError, match=r"^mlp encoder weights in .*audio.pt do not fit: "):
+        build_model(ModelConfig(feature_dim=4, pretrained={"audio": str(path)}), ["audio", "video"], {"audio": (5,), "video": (3,)}, 2)
+    with pytest.raises(ConfigError, match="mlp encoder weights not found"):
+        build_model(ModelConfig(pretrained={"audio": str(tmp_path / "no.pt")}), ["audio", "video"], {"audio": (5,), "video": (3,)}, 2)
+    with pytest.raises(ConfigError, match="model.pretrained names modality 'depth'"):
+        build_model(ModelConfig(pretrained={"depth": str(path)}), ["audio", "video"], {"audio": (5,), "video": (3,)}, 2)

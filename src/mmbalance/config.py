@@ -58,6 +58,9 @@ class DataConfig(Section):
 class ModelConfig(Section):
     encoder: str = Field("auto", description="encoder for every modality; auto picks by input shape")
     encoders: dict[str, str] = Field(default_factory=dict, description="per-modality encoder override")
+    pretrained: dict[str, str] = Field(
+        default_factory=dict, description="per-modality path of local encoder weights (a saved state dict)"
+    )
     fusion: str = "concat"
     feature_dim: int = Field(64, ge=1)
     hidden_dim: int = Field(128, ge=1)

@@ -8,6 +8,8 @@ the batch and their features averaged over time.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
@@ -22,6 +24,25 @@ class Encoder(nn.Module):
         super().__init__()
         self.input_shape = tuple(input_shape)
         self.feature_dim = feature_dim
+
+    def load_pretrained(self, path: str | Path) -> None:
+        """Load local weights (``torch.save(encoder.state_dict(), path)``) with one-line errors."""
+        kind = getattr(self, "registry_name", type(self).__name__)
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{kind} encoder weights not found: {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # any unpickling failure means the same: not a usable state dict
+            raise ConfigError(f"cannot load {kind} encoder weights from {path}: {str(exc).splitlines()[0]}") from None
+        if not isinstance(state, dict):
+            raise ConfigError(f"{path} does not hold a state dict (got {type(state).__name__})")
+        try:
+            self.load_state_dict(state)
+        except RuntimeError as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            detail = lines[1] if len(lines) > 1 else lines[0]  # the first line only names the module
+            raise ConfigError(f"{kind} encoder weights in {path} do not fit: {detail}") from None
 
 
 @ENCODERS.register("mlp")

@@ -12,6 +12,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from .encoders import Encoder, build_encoder
 from .fusion import Fusion, build_fusion
 
@@ -66,10 +67,13 @@ def build_model(model_config, modalities: list[str], input_shapes: dict[str, tup
         encoders[m] = build_encoder(
             name, input_shapes[m], model_config.feature_dim, model_config.hidden_dim, model_config.dropout
         )
-    unknown = [m for m in model_config.encoders if m not in modalities]
-    if unknown:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"model.encoders names modality '{unknown[0]}', which the dataset lacks (modalities: {', '.join(modalities)})")
+    for key in ("encoders", "pretrained"):
+        unknown = [m for m in getattr(model_config, key) if m not in modalities]
+        if unknown:
+            raise ConfigError(
+                f"model.{key} names modality '{unknown[0]}', which the dataset lacks (modalities: {', '.join(modalities)})"
+            )
+    for m, path in model_config.pretrained.items():
+        encoders[m].load_pretrained(path)
     fusion = build_fusion(model_config.fusion, {m: e.feature_dim for m, e in encoders.items()}, num_classes, model_config.hidden_dim)
     return MultimodalModel(encoders, fusion, num_classes)

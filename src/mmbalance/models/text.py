@@ -48,24 +48,6 @@ class TextEncoder(Encoder):
         if weights is not None:
             self.load_pretrained(weights)
 
-    def load_pretrained(self, path: str | Path) -> None:
-        """Load a local state dict (``torch.save(encoder.state_dict(), path)``) with one-line errors."""
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"text encoder weights not found: {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # any unpickling failure means the same: not a usable state dict
-            raise ConfigError(f"cannot load text encoder weights from {path}: {str(exc).splitlines()[0]}") from None
-        if not isinstance(state, dict):
-            raise ConfigError(f"{path} does not hold a state dict (got {type(state).__name__})")
-        try:
-            self.load_state_dict(state)
-        except RuntimeError as exc:
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            detail = lines[1] if len(lines) > 1 else lines[0]  # the first line only names the module
-            raise ConfigError(f"text encoder weights in {path} do not fit: {detail}") from None
-
     def forward(self, ids: Tensor) -> Tensor:
         ids = ids.long()
         ids = torch.where(ids >= self.vocab_size, torch.full_like(ids, UNK_ID), ids)
