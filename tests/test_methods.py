@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmbalance.config import ModelConfig, build_config
+from mmbalance.config import ModelConfig
 from mmbalance.data.batch import Batch
 from mmbalance.errors import ConfigError
 from mmbalance.models import build_model
