@@ -48,8 +48,8 @@ from ..config import Section
 from ..errors import DataError
 from ..registry import DATASETS
 from .audio import fit_length, log_spectrograms, read_wav
-from .base import DataBundle, TensorDataset, select_views
-from .loading import default_data_root
+from .base import DataBundle, select_views
+from .loading import data_root, split_seed
 from .splits import stratified_split
 
 SAMPLE_RATE = 8000
@@ -207,49 +207,42 @@ class AVDigitsDataset:
     defaults = {"train.epochs": 10}
 
     @classmethod
-    def root_of(cls, config) -> Path:
-        return Path(config.data.root).expanduser() if config.data.root else default_data_root("fsdd")
-
-    @classmethod
     def load(cls, config) -> DataBundle:
         options = config.section("avdigits")
         views = select_views(dict.fromkeys(MODALITIES), config.data.views, "avdigits")
-        root = cls.root_of(config)
+        root = data_root(config, "fsdd")
         files = list_recordings(root, options.speakers, options.max_takes)
         clip = int(round(options.clip_seconds * SAMPLE_RATE))
         skip_bad = config.data.on_error == "skip"
         audio = read_recordings(files, clip, options.n_fft, options.hop, options.bands, skip_bad)
-        split_seed = config.seed if config.data.split_seed is None else config.data.split_seed
-        rng = np.random.default_rng(split_seed)
+        seed = split_seed(config)
+        rng = np.random.default_rng(seed)
 
         labels = audio.labels
         test = np.flatnonzero(audio.takes < TEST_TAKES)
         rest = np.flatnonzero(audio.takes >= TEST_TAKES)
-        val_part, train_part = stratified_split(labels[rest], (config.data.val_fraction,), split_seed)
+        val_part, train_part = stratified_split(labels[rest], (config.data.val_fraction,), seed)
         val, train = rest[val_part], rest[train_part]
 
         images, image_labels = digit_images(options.image_size)
         image_val, image_test, image_train = stratified_split(
-            image_labels, (config.data.val_fraction, options.image_test_fraction), split_seed
+            image_labels, (config.data.val_fraction, options.image_test_fraction), seed
         )
         paired = np.empty(len(labels), dtype=np.int64)
         for rows, pool in ((train, image_train), (val, image_val), (test, image_test)):
             paired[rows] = pair_images(labels[rows], pool, image_labels, rng)
 
         picture = images[torch.from_numpy(paired)]
-        picture = picture + options.image_noise * seeded_noise(picture.shape, split_seed)
+        picture = picture + options.image_noise * seeded_noise(picture.shape, seed)
         sound = standardise(audio.spectrograms, train, per_row=True).unsqueeze(1)
-        sound = sound + options.audio_noise * seeded_noise(sound.shape, split_seed + 1)
+        sound = sound + options.audio_noise * seeded_noise(sound.shape, seed + 1)
         tensors = {"audio": sound.float().contiguous(), "image": standardise(picture, train).float().contiguous()}
         tensors = {m: tensors[m] for m in views}
-        full = TensorDataset(tensors, torch.from_numpy(labels))
-        return DataBundle(
-            train=full.subset(train),
-            val=full.subset(val),
-            test=full.subset(test),
-            num_classes=NUM_CLASSES,
-            modalities=views,
-            input_shapes={m: tuple(tensors[m].shape[1:]) for m in views},
+        return DataBundle.from_tensors(
+            tensors,
+            torch.from_numpy(labels),
+            (train, val, test),
+            NUM_CLASSES,
             class_names=[str(digit) for digit in range(NUM_CLASSES)],
             info={
                 "root": str(root),

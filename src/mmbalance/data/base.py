@@ -74,6 +74,30 @@ class DataBundle:
     class_names: list[str] | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_tensors(
+        cls,
+        tensors: dict[str, Tensor],
+        labels: Tensor,
+        rows: tuple,
+        num_classes: int,
+        class_names: list[str] | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> "DataBundle":
+        """Splits of in-memory data, from ``(train, val, test)`` row indices."""
+        full = TensorDataset(tensors, labels)
+        train, val, test = (full.subset(r) for r in rows)
+        return cls(
+            train=train,
+            val=val,
+            test=test,
+            num_classes=num_classes,
+            modalities=list(tensors),
+            input_shapes={m: tuple(x.shape[1:]) for m, x in tensors.items()},
+            class_names=class_names,
+            info=info or {},
+        )
+
     def split(self, name: str) -> MultimodalDataset:
         if name not in ("train", "val", "test"):
             raise DataError(f"unknown split '{name}' (allowed: train, val, test)")

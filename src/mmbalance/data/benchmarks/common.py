@@ -20,10 +20,23 @@ from pydantic import Field
 from ...config import Section
 from ...errors import DataError
 from ..base import DataBundle, MultimodalDataset, select_views
-from ..loading import default_data_root
+from ..loading import split_seed
 from ..splits import stratified_split
 
 Reader = Callable[[dict], torch.Tensor]
+
+
+# The field's common settings (OGM-GE, MIDAS, CAL): SGD 1e-3, batch 64, ResNet-18 encoders.
+RESNET_SGD_DEFAULTS = {
+    "train.epochs": 100,
+    "train.batch_size": 64,
+    "train.optimizer": "sgd",
+    "train.lr": 1e-3,
+    "train.momentum": 0.9,
+    "train.weight_decay": 1e-4,
+    "model.encoder": "resnet18",
+    "model.feature_dim": 512,
+}
 
 
 class FileConfig(Section):
@@ -52,11 +65,6 @@ class FileDataset(MultimodalDataset):
         sample["label"] = int(self.labels[i])
         sample["index"] = int(self.index[i])
         return sample
-
-
-def root_of(config, name: str) -> Path:
-    """``data.root`` if set, else the default data folder of ``name``."""
-    return Path(config.data.root).expanduser() if config.data.root else default_data_root(name)
 
 
 def require_dir(root: Path, name: str, layout: str) -> None:
@@ -95,10 +103,6 @@ def carve_val(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarra
     """``(train, val)`` rows: a stratified, seeded validation part for benchmarks without an official one."""
     val, train = stratified_split(labels, (fraction,), seed)
     return train, val
-
-
-def split_seed(config) -> int:
-    return config.seed if config.data.split_seed is None else config.data.split_seed
 
 
 class Checker:

@@ -21,7 +21,8 @@ from pydantic import Field
 from ...errors import DataError
 from ...registry import DATASETS
 from ..base import DataBundle
-from .common import FileConfig, bundle_from_records, class_index, require_dir, root_of
+from ..loading import data_root
+from .common import RESNET_SGD_DEFAULTS, FileConfig, bundle_from_records, class_index, require_dir
 from .media import ImageReader
 from .tokenizer import MAX_VOCAB, Tokenizer
 
@@ -67,17 +68,7 @@ def read_jsonl(path: Path, layout: str) -> list[dict]:
 class ImageTextBenchmark:
     name: ClassVar[str]
     Config: ClassVar[type[ImageTextConfig]]
-    defaults: ClassVar[dict] = {
-        "train.epochs": 100,
-        "train.batch_size": 64,
-        "train.optimizer": "sgd",
-        "train.lr": 1e-3,
-        "train.momentum": 0.9,
-        "train.weight_decay": 1e-4,
-        "model.encoder": "resnet18",
-        "model.encoders": {"text": "text"},
-        "model.feature_dim": 512,
-    }
+    defaults: ClassVar[dict] = {**RESNET_SGD_DEFAULTS, "model.encoders": {"text": "text"}}
 
     @classmethod
     def layout(cls) -> str:
@@ -90,7 +81,7 @@ class ImageTextBenchmark:
     @classmethod
     def load(cls, config) -> DataBundle:
         options = config.section(cls.name)
-        root = root_of(config, cls.name)
+        root = data_root(config, cls.name)
         require_dir(root, cls.name, cls.layout())
         missing = [file for file in LIST_FILES.values() if not (root / file).is_file()]
         if missing:

@@ -18,7 +18,8 @@ from pydantic import Field
 from ...errors import DataError
 from ...registry import DATASETS
 from ..base import DataBundle
-from .common import FileConfig, bundle_from_records, class_index, require_dir, root_of
+from ..loading import data_root
+from .common import RESNET_SGD_DEFAULTS, FileConfig, bundle_from_records, class_index, require_dir
 from .media import IMAGE_SUFFIXES, normalise_gray, normalise_rgb, probe_image, read_image
 
 LAYOUT = "ROOT/{train,test}/<class>/<image>.png (optional val/), each image RGB on the left half and depth on the right"
@@ -87,21 +88,12 @@ class NYUD2:
         image_size: int = Field(224, ge=8, description="both views are resized to image_size x image_size")
         num_classes: Optional[int] = Field(10, ge=2, description="expected number of classes; null accepts any")
 
-    defaults = {
-        "train.epochs": 100,
-        "train.batch_size": 64,
-        "train.optimizer": "sgd",
-        "train.lr": 1e-3,
-        "train.momentum": 0.9,
-        "train.weight_decay": 1e-4,
-        "model.encoder": "resnet18",
-        "model.feature_dim": 512,
-    }
+    defaults = dict(RESNET_SGD_DEFAULTS)
 
     @classmethod
     def load(cls, config) -> DataBundle:
         options = config.section("nyud2")
-        root = root_of(config, "nyud2")
+        root = data_root(config, "nyud2")
         require_dir(root, "nyud2", LAYOUT)
         missing = [s for s in ("train", "test") if not (root / s).is_dir()]
         if missing:

@@ -29,7 +29,7 @@ from ...config import Section
 from ...errors import DataError
 from ...registry import DATASETS
 from ..base import DataBundle, TensorDataset, select_views
-from .common import root_of
+from ..loading import data_root
 
 MODALITIES = ("audio", "vision", "text")
 SPLITS = {"train": "train", "val": "valid", "test": "test"}
@@ -96,7 +96,7 @@ class SentimentBenchmark:
         if config.data.path:
             path = Path(config.data.path).expanduser()
         else:
-            path = root_of(config, cls.name) / cls.files[options.aligned]
+            path = data_root(config, cls.name) / cls.files[options.aligned]
         if not path.is_file():
             raise DataError(f"{cls.name} pickle not found: {path} (expected {cls.layout()})")
         return path

@@ -18,7 +18,8 @@ from pydantic import Field
 from ...errors import DataError
 from ...registry import DATASETS
 from ..base import DataBundle
-from .common import FileConfig, bundle_from_records, class_index, read_rows, require_dir, root_of
+from ..loading import data_root
+from .common import RESNET_SGD_DEFAULTS, FileConfig, bundle_from_records, class_index, read_rows, require_dir
 from .media import FramesReader, normalise_gray, pick_frames, probe_image, read_image
 
 LAYOUT = (
@@ -86,21 +87,12 @@ class UCF101:
         image_size: int = Field(224, ge=8, description="frames are resized to image_size x image_size")
         num_classes: Optional[int] = Field(101, ge=2, description="expected number of classes; null accepts any")
 
-    defaults = {
-        "train.epochs": 100,
-        "train.batch_size": 64,
-        "train.optimizer": "sgd",
-        "train.lr": 1e-3,
-        "train.momentum": 0.9,
-        "train.weight_decay": 1e-4,
-        "model.encoder": "resnet18",
-        "model.feature_dim": 512,
-    }
+    defaults = dict(RESNET_SGD_DEFAULTS)
 
     @classmethod
     def load(cls, config) -> DataBundle:
         options = config.section("ucf101")
-        root = root_of(config, "ucf101")
+        root = data_root(config, "ucf101")
         require_dir(root, "ucf101", LAYOUT)
         lists = root / "ucfTrainTestlist"
         needed = [lists / "classInd.txt", lists / f"trainlist0{options.split}.txt"]
