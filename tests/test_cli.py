@@ -165,3 +165,12 @@ def test_plot_writes_pngs(tmp_path, capsys):
     assert all((out / "plots" / n).stat().st_size > 1000 for n in names)
     code = run_cli("plot", "--run", str(tmp_path / "nothing"))
     one_line_error(capsys, code, "has no metrics.jsonl")
+
+
+@pytest.mark.slow
+def test_demo_writes_the_report_folder(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert run_cli("demo", "--out", str(out), "--seeds", "1") == 0
+    printed = capsys.readouterr().out
+    assert "| joint | 1 |" in printed and "| unimodal | 1 |" in printed and "| midas | 1 |" in printed
+    assert {"summary.md", "summary.png", "results.jsonl"} <= {p.name for p in out.iterdir()}
