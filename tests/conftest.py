@@ -1,8 +1,6 @@
 import pytest
 
-import mmbalance.data  # noqa: F401  (registries)
-import mmbalance.methods  # noqa: F401
-import mmbalance.models  # noqa: F401
+from mmbalance.registry import METHODS
 
 TINY = [
     "synthetic.num_samples=240",
@@ -19,3 +17,20 @@ TINY = [
 @pytest.fixture
 def tiny_overrides():
     return list(TINY)
+
+
+@pytest.fixture
+def register_part():
+    """Register throwaway methods for one test; they are removed afterwards."""
+    names = []
+
+    def register(name):
+        def decorator(cls):
+            names.append(name)
+            return METHODS.register(name)(cls)
+
+        return decorator
+
+    yield register
+    for name in names:
+        METHODS.unregister(name)

@@ -30,6 +30,7 @@ def test_joint_loss_is_fused_ce_plus_detached_probe():
     model, method = make("joint")
     b = batch()
     result = method.training_step(model, b, None)
+    assert set(result.losses) == {"fused", "probe"}
     features = model.encode(b.inputs)
     expected = F.cross_entropy(model.fuse(features), b.labels)
     probes = sum(F.cross_entropy(z, b.labels) for z in model.heads({m: f.detach() for m, f in features.items()}).values())
@@ -59,15 +60,15 @@ def test_unimodal_keeps_modalities_apart():
     assert all(v is None or torch.count_nonzero(v) >= 0 for v in g.values())
     # the loss on 'a' alone does not depend on b's encoder and vice versa
     b2 = Batch({"a": b.inputs["a"], "b": torch.randn(6, 5)}, b.labels, b.index)
-    first = method.training_step(model, b, None).logs["loss/a"]
-    second = method.training_step(model, b2, None).logs["loss/a"]
+    first = method.training_step(model, b, None).losses["a"]
+    second = method.training_step(model, b2, None).losses["a"]
     assert float(first) == pytest.approx(float(second))
 
 
 def test_unimodal_single_modality_predicts_from_that_head():
     model, method = make("unimodal", modality="b")
     b = batch()
-    logits = method.predict(model, b.inputs)
+    logits = method.predict_from_features(model, method.encode(model, b.inputs))
     assert torch.allclose(logits, F.log_softmax(model.heads(model.encode(b.inputs))["b"], -1))
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from mmbalance.misalignment import (
     MisalignmentLoss,
+    anchors_of,
     draw_sources,
     hard_sample_weights,
     misaligned_features,
@@ -29,7 +30,8 @@ def hand_batch():
     f^a_0 = [ln 9, 0]   -> p^a_0 = (0.9, 0.1)      f^b_0 = [ln 7, ln 3] -> p^b_0 = (0.7, 0.3)
     f^a_1 = [0, ln 4]   -> p^a_1 = (0.2, 0.8)      f^b_1 = [ln 7, ln 3] -> p^b_1 = (0.7, 0.3)
     labels (0, 1); the only partners are 0 <-> 1, so the misaligned samples are
-    row 0 = (f^a_0, f^b_1), labels (0, 1), and row 1 = (f^a_1, f^b_0), labels (1, 0).
+    row 0 = (f^a_0, f^b_1), labels (0, 1), and row 1 = (f^a_1, f^b_0), labels (1, 0):
+    draw_sources' layout for the one anchor 0 (V = 1), row 1 being its mirror.
     """
     features = {
         "a": torch.tensor([[LN(9), 0.0], [0.0, LN(4)]]),
@@ -49,7 +51,8 @@ def sum_fusion(features):
 #        fused = [ln 9 + ln 7, ln 3] = [ln 63, ln 3] -> p~ = (63/66, 3/66) = (21/22, 1/22)
 # row 1: a = p^a_1[1] = 0.8, b = p^b_0[0] = 0.7 -> c = (0.8/1.5, 0.7/1.5) = (8/15, 7/15);
 #        fused = [ln 7, ln 4 + ln 3] = [ln 7, ln 12] -> p~ = (7/19, 12/19); slot a (label 1) 12/19, slot b (label 0) 7/19
-# hard weights: the replaced slot is b and f^b_0 = f^b_1, so s = 1 and w = 1 + (1 + 1)/2 = 2 for both rows.
+# hard weights (anchor 0 for both rows): row 0 replaces slot b, s = cos(f^b_0, f^b_1) = 1 (equal features),
+# w = 1 + (1 + 1)/2 = 2; row 1 replaces slot a, s = cos(f^a_0, f^a_1) = cos([ln 9, 0], [0, ln 4]) = 0, w = 1.5.
 TERM_0 = -(0.75 * LN(21 / 22) + 0.25 * LN(1 / 22))  # ~ 0.807651
 TERM_1 = -(8 / 15 * LN(12 / 19) + 7 / 15 * LN(7 / 19))  # ~ 0.711064
 
@@ -70,7 +73,7 @@ def test_soft_label_of_the_spec_example():
 # -- hard-sample weights --------------------------------------------------------------
 def weights_for(u, v, similarity="cosine"):
     features = {"a": torch.tensor([[1.0, 0.0], [5.0, 5.0]]), "b": torch.tensor([u, v])}
-    return hard_sample_weights(features, torch.tensor([[0, 1]]), MODALITIES, similarity)
+    return hard_sample_weights(features, torch.tensor([[0, 1]]), MODALITIES, similarity, anchors=torch.tensor([0]))
 
 
 def test_hard_sample_weight_from_cosine():
@@ -104,8 +107,50 @@ def test_hard_sample_weight_averages_replaced_slots_for_three_modalities():
             [0, 0, 0],  # nothing replaced (only without the label check): s = 1 -> 2
         ]
     )
-    w = hard_sample_weights(features, sources, ["a", "b", "c"])
+    # not draw_sources' layout (5 rows): each row's anchor, its base, is given; here it is slot 0's source
+    w = hard_sample_weights(features, sources, ["a", "b", "c"], anchors=torch.tensor([0, 0, 0, 1, 0]))
     assert torch.allclose(w, torch.tensor([1.75, 2.0, 1.5, 1.75, 2.0]))
+
+
+def test_mirrored_pair_reads_the_replaced_modality():
+    # labels (0, 1): anchor 0's partner is 1 and anchor 1's is 0, so draw_sources is deterministic:
+    # shift 0 rows (0, 1), (1, 0) with anchors 0, 1; shift 1 rows (1, 0), (0, 1), the mirrors, anchors 0, 1.
+    sources, _ = draw_sources(torch.tensor([0, 1]), 2)
+    assert torch.equal(sources, torch.tensor([[0, 1], [1, 0], [1, 0], [0, 1]]))
+    assert torch.equal(anchors_of(sources), torch.tensor([0, 1, 0, 1]))
+    features = {"a": torch.tensor([[3.0, 4.0], [1.0, 0.0]]), "b": torch.tensor([[1.0, 0.0], [0.0, 2.0]])}
+    # first half, slot b replaced: cos(f^b_0, f^b_1) = 0 -> w = 1 + (0 + 1)/2 = 1.5
+    # mirrored half, slot a replaced: cos(f^a_0, f^a_1) = 3 / (5 * 1) = 0.6 -> w = 1 + 1.6/2 = 1.8
+    # (reading every row from slot 0 gives 1.5 for all four)
+    w = hard_sample_weights(features, sources, MODALITIES)
+    assert torch.allclose(w, torch.tensor([1.5, 1.5, 1.8, 1.8]))
+    # l2, s = 1 - |u - v|^2 / (|u|^2 + |v|^2): b: 1 - 5/5 = 0 -> w = 1.5; a: 1 - 20/26 = 3/13 -> w = 1 + 8/13 = 21/13
+    w = hard_sample_weights(features, sources, MODALITIES, "l2")
+    assert torch.allclose(w, torch.tensor([1.5, 1.5, 21 / 13, 21 / 13]))
+
+
+def test_hard_sample_weight_reads_each_row_from_its_anchor_for_three_modalities():
+    features = {
+        "a": torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]),  # cos(a0, a1) = 0, cos(a0, a2) = -1
+        "b": torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]]),  # cos(b0, b1) = 1, cos(b0, b2) = 0
+        "c": torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 1.0]]),  # cos(c0, c1) = 0.6, cos(c0, c2) = 0.8
+    }
+    # draw_sources' layout for V = 2 anchors: groups (0, 1, 2) and (1, 0, 1) (the anchor may recur),
+    # shift k fills slot m from member (m + k) mod 3; rows are shift-major.
+    sources = torch.tensor(
+        [
+            [0, 1, 2],  # anchor 0; b, c replaced: s = (cos(b0, b1) + cos(c0, c2))/2 = (1 + 0.8)/2 = 0.9 -> w = 1.95
+            [1, 0, 1],  # anchor 1; b replaced: s = cos(b1, b0) = 1 -> w = 2
+            [1, 2, 0],  # anchor 0; a, b replaced: s = (cos(a0, a1) + cos(b0, b2))/2 = 0 -> w = 1.5
+            [0, 1, 1],  # anchor 1; a replaced: s = cos(a1, a0) = 0 -> w = 1.5
+            [2, 0, 1],  # anchor 0; a, c replaced: s = (cos(a0, a2) + cos(c0, c1))/2 = (-1 + 0.6)/2 = -0.2 -> w = 1.4
+            [1, 1, 0],  # anchor 1; c replaced: s = cos(c1, c0) = 0.6 -> w = 1.8
+        ]
+    )
+    assert torch.equal(anchors_of(sources), torch.tensor([0, 1, 0, 1, 0, 1]))
+    # (reading every row from slot 0 gives 1.65, 1.9, 1.5 for rows 2, 3, 4)
+    w = hard_sample_weights(features, sources, ["a", "b", "c"])
+    assert torch.allclose(w, torch.tensor([1.95, 2.0, 1.5, 1.5, 1.4, 1.8]))
 
 
 # -- alpha ---------------------------------------------------------------------
@@ -165,6 +210,21 @@ def test_misaligned_samples_never_have_a_single_label(num_modalities):
             assert torch.equal(sources[shift * kept : (shift + 1) * kept], sources[:kept].roll(-shift, dims=1))
 
 
+@pytest.mark.parametrize("num_modalities", [2, 3])
+@pytest.mark.parametrize("require_distinct", [True, False])
+def test_anchors_of_drawn_samples(num_modalities, require_distinct):
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        labels = torch.randint(0, 3, (int(torch.randint(1, 10, (1,), generator=generator)),), generator=generator)
+        sources, valid = draw_sources(labels, num_modalities, generator, require_distinct=require_distinct)
+        anchors = anchors_of(sources)
+        # row r belongs to the (r mod V)-th kept anchor, and holds it in some slot
+        assert torch.equal(anchors, valid.nonzero().squeeze(1).repeat(num_modalities))
+        assert bool((sources == anchors[:, None]).any(dim=1).all())
+    with pytest.raises(ValueError, match="anchors"):
+        anchors_of(torch.tensor([[0, 1, 2]] * 2))  # 2 rows are not 3 shifts per anchor
+
+
 def test_pair_is_both_swaps_and_partner_is_uniform_over_other_labels():
     labels = torch.tensor([0, 1, 1, 1])
     generator = torch.Generator().manual_seed(1)
@@ -218,8 +278,8 @@ def test_gathers_features_and_inputs_by_slot():
 def test_misaligned_loss_of_the_hand_batch():
     features, labels, sources = hand_batch()
     loss, stats = component()(features, features, labels, sum_fusion, sources=sources)
-    # mean over the two rows of w * term, with w = 2: (2 T0 + 2 T1) / 2 ~ 1.518715
-    assert loss.item() == pytest.approx(TERM_0 + TERM_1, rel=1e-5)
+    # mean over the two rows of w * term, with w = (2, 1.5): (2 T0 + 1.5 T1) / 2 = T0 + 0.75 T1 ~ 1.340949
+    assert loss.item() == pytest.approx(TERM_0 + 0.75 * TERM_1, rel=1e-5)
     assert stats["count"].item() == 2
     # mean c = ((0.75 + 8/15)/2, (0.25 + 7/15)/2) ~ (0.641667, 0.358333)
     assert torch.allclose(stats["confidence"], torch.tensor([(0.75 + 8 / 15) / 2, (0.25 + 7 / 15) / 2]))
@@ -269,7 +329,7 @@ def test_official_variant_on_the_hand_batch():
     paper, official = component(), component(variant="official")
     paper_loss, _ = paper(features, features, labels, sum_fusion, sources=sources)
     official_loss, stats = official(features, features, labels, sum_fusion, sources=sources)
-    assert official_loss.item() == pytest.approx(paper_loss.item() / 2)  # mean over the two swaps, halved
+    assert official_loss.item() == pytest.approx(paper_loss.item())  # the same mean over the two swaps, not halved
     # unimodal means a (0.9 + 0.8)/2 = 0.85, b (0.3 + 0.7)/2 = 0.5: weak b, ratio 1.7;
     # fused means a (21/22 + 12/19)/2 ~ 0.793, b (1/22 + 7/19)/2 ~ 0.207: ratio ~ 3.83 > 1.7 -> α_b + η
     assert torch.allclose(stats["unimodal_confidence"], torch.tensor([0.85, 0.5]))
@@ -280,6 +340,24 @@ def test_official_variant_on_the_hand_batch():
     assert official.alpha[1].item() == pytest.approx(10.0)  # clamped at alpha_max
     # the official pairing ignores labels: a one-label batch still gives 2N samples
     assert official.draw_sources(torch.zeros(4, dtype=torch.long), torch.Generator())[0].shape == (8, 2)
+
+
+def test_official_loss_is_the_mean_over_misaligned_samples_not_halved():
+    features, labels, sources = hand_batch()
+    # both weightings off: (T0 + T1) / 2 ~ (0.807651 + 0.711064) / 2 ~ 0.759357, the mean over the K = 2 samples
+    plain = component(variant="official", weak_weighting=False, hard_weighting=False)
+    assert plain(features, features, labels, sum_fusion, sources=sources)[0].item() == pytest.approx((TERM_0 + TERM_1) / 2, rel=1e-5)
+    # with α = (2, 1) and w = 1, the terms of test_alpha_and_hard_weighting_switches: (t0 + t1) / 2 ~ 0.899344
+    weak = component(variant="official", hard_weighting=False)
+    weak.alpha.copy_(torch.tensor([2.0, 1.0]))
+    t0 = -(1.5 * LN(21 / 22) + 0.25 * LN(1 / 22))
+    t1 = -(16 / 15 * LN(12 / 19) + 7 / 15 * LN(7 / 19))
+    assert weak(features, features, labels, sum_fusion, sources=sources)[0].item() == pytest.approx((t0 + t1) / 2, rel=1e-5)
+    # defaults (α = 1, w = (2, 1.5)): (2 T0 + 1.5 T1) / 2 ~ 1.340949, the paper variant's value
+    official, paper = component(variant="official"), component()
+    official_loss = official(features, features, labels, sum_fusion, sources=sources)[0]
+    assert official_loss.item() == pytest.approx(TERM_0 + 0.75 * TERM_1, rel=1e-5)
+    assert official_loss.item() == pytest.approx(paper(features, features, labels, sum_fusion, sources=sources)[0].item())
 
 
 def test_no_gradient_into_the_confidences():

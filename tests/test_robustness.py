@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from mmbalance.evaluation.robustness import area_under_curve, parse_levels, robustness_report
+from mmbalance.experiments.robustness import area_under_curve, parse_levels, robustness_report
 from mmbalance.errors import MMBalanceError
 from test_cli import TINY, one_line_error, run_cli
 

@@ -5,8 +5,7 @@ import torch
 
 from mmbalance.config import build_config
 from mmbalance.errors import MMBalanceError, NonFiniteLossError
-from mmbalance.methods.base import Method, StepResult
-from mmbalance.registry import METHODS
+from mmbalance.methods.base import Objective, cross_entropy
 from mmbalance.training import Trainer, resume_run, train_run
 
 
@@ -78,21 +77,24 @@ def test_resume_needs_a_checkpoint(tmp_path):
         resume_run(tmp_path)
 
 
-@METHODS.register("_explodes_in_tests")
-class Explodes(Method):
+class Explodes(Objective):
     """Joint training whose loss becomes NaN in the second epoch."""
 
     def training_step(self, model, batch, ctx):
-        logits = model.fuse(model.encode(batch.inputs))
-        loss = torch.nn.functional.cross_entropy(logits, batch.labels)
+        features = model.encode(batch.inputs)
+        logits = model.fuse(features)
+        record = self.record(model, batch, features, logits=logits)
+        loss = cross_entropy(logits, batch)
         if ctx.epoch == 1 and ctx.step_in_epoch == 2:
             loss = loss * float("nan")
-        return StepResult(loss, logits)
+        record.add_loss("fused", loss)
+        return record
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_overrides):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_overrides, register_part):
+    register_part("_explodes")(Explodes)
     out = tmp_path / "run"
-    config = build_config(overrides=tiny_overrides + ["train.epochs=3"], method="_explodes_in_tests")
+    config = build_config(overrides=tiny_overrides + ["train.epochs=3"], method="_explodes")
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at epoch 2, step 3"):
         train_run(config, out, quiet=True)
     last = torch.load(out / "last.pt", weights_only=False)
@@ -121,11 +123,11 @@ def test_model_selection_never_reads_test(tmp_path, tiny_overrides, monkeypatch)
     assert calls == ["val", "val", "val", "val", "test"]  # 3 epochs select on val; test once at the end
 
 
-def test_hooks_are_called_in_order(tmp_path, tiny_overrides):
+def test_hooks_are_called_in_order(tmp_path, tiny_overrides, register_part):
     events = []
 
-    @METHODS.register("_records_hooks")
-    class Records(Method):
+    @register_part("_records_hooks")
+    class Records(Objective):
         """Joint training that records its hook calls."""
 
         def setup(self, model, ctx):
@@ -137,15 +139,21 @@ def test_hooks_are_called_in_order(tmp_path, tiny_overrides):
 
         def training_step(self, model, batch, ctx):
             events.append("step")
-            logits = model.fuse(model.encode(batch.inputs))
-            loss = torch.nn.functional.cross_entropy(logits, batch.labels) + self.extra.weight.sum() * 0
-            return StepResult(loss, logits)
+            features = model.encode(batch.inputs)
+            logits = model.fuse(features)
+            record = self.record(model, batch, features, logits=logits)
+            record.add_loss("fused", cross_entropy(logits, batch) + self.extra.weight.sum() * 0)
+            return record
 
-        def after_backward(self, model, ctx):
+        def on_forward(self, record, ctx):
+            events.append("on_forward")
+
+        def after_backward(self, record, ctx):
             events.append("after_backward")
-            assert all(p.grad is not None for p in model.encoders.parameters())
+            assert all(p.grad is not None for p in ctx.params.encoder["strong"])
+            assert record.logits is not None  # what the step computed reaches the later hooks
 
-        def after_step(self, model, ctx):
+        def after_step(self, record, ctx):
             events.append("after_step")
 
         def on_epoch_end(self, model, ctx):
@@ -154,13 +162,15 @@ def test_hooks_are_called_in_order(tmp_path, tiny_overrides):
 
     config = build_config(overrides=tiny_overrides + ["train.epochs=1"], method="_records_hooks")
     trainer = Trainer(config, tmp_path / "r", quiet=True)
-    assert any(p is trainer.method.extra.weight for p in trainer.optimizer.param_groups[0]["params"])
+    part = trainer.method.objective
+    assert any(p is part.extra.weight for p in trainer.ctx.optimizer.param_groups[0]["params"])
+    assert any(p is part.extra.weight for p in trainer.ctx.params.method["_records_hooks"])  # built after setup
     trainer.fit()
-    assert events[:4] == ["setup", "start0", "step", "after_backward"]
-    assert events[4] == "after_step" and events[-1] == "end0"
+    assert events[:5] == ["setup", "start0", "step", "on_forward", "after_backward"]
+    assert events[5] == "after_step" and events[-1] == "end0"
     record = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
     assert record["method"]["custom"] == 1.5
-    assert "extra.weight" in torch.load(tmp_path / "r" / "best.pt", weights_only=False)["method"]
+    assert "parts._records_hooks.extra.weight" in torch.load(tmp_path / "r" / "best.pt", weights_only=False)["method"]
 
 
 def test_progress_is_silent_when_quiet_or_not_a_terminal(monkeypatch):

@@ -15,12 +15,14 @@ from pathlib import Path
 from . import __version__
 from .errors import MMBalanceError
 
-LISTABLE = ("methods", "datasets", "encoders", "fusions", "corruptions")
+LISTABLE = ("methods", "datasets", "encoders", "fusions", "corruptions", "metrics")
 
 
-def _register_all() -> None:
-    from . import data, methods, models  # noqa: F401  (fills the registries)
-    from .data import corruptions  # noqa: F401
+def _register_all(modules: list[str]) -> None:
+    """The built-ins (importing the package registers them), installed extensions, and ``--import`` modules."""
+    from .extensions import load_extensions
+
+    load_extensions(modules)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -35,6 +37,8 @@ def _common_options(defaults: bool) -> argparse.ArgumentParser:
     default = False if defaults else argparse.SUPPRESS
     common.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
     common.add_argument("--quiet", action="store_true", default=default, help="no progress output")
+    common.add_argument("--import", dest="imports", action="append", default=[] if defaults else argparse.SUPPRESS,
+                        metavar="MODULE", help="import MODULE first, so the parts it registers can be used (repeatable)")
     return common
 
 
@@ -48,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", parents=common, help="train one run")
     p.add_argument("--dataset")
-    p.add_argument("--method")
+    p.add_argument("--method", help="objective and plugins joined by '+', with options in brackets: 'midas[lam=0.5]+arl'")
     p.add_argument("--seed", type=int)
     p.add_argument("--out", help="run folder")
     p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR")
@@ -93,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", parents=common, help="every method x seed on one dataset, with a summary")
     p.add_argument("--dataset", required=True)
     p.add_argument("--methods", required=True,
-                   help="comma-separated method names; NAME[key=value;...] adds method options (ablations)")
+                   help="comma-separated method specs; NAME[key=value,...] adds options, '+' combines parts: "
+                        "'joint,midas,midas[lam=0.5]+arl'")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--out", required=True)
     p.add_argument("--robust", metavar="CORRUPTION:LEVELS",
@@ -139,23 +144,18 @@ def _metrics_line(metrics: dict) -> str:
 
 
 def cmd_eval(args) -> int:
-    from .config import RunConfig, load_yaml
-    from .training import Trainer
+    from .api import load_run
 
-    run = Path(args.run)
-    if not (run / "config.yaml").is_file() or not (run / "best.pt").is_file():
-        raise MMBalanceError(f"{run} is not a finished run folder (needs config.yaml and best.pt)")
-    config = RunConfig(load_yaml(run / "config.yaml"))
-    trainer = Trainer(config, None, quiet=True)
-    checkpoint = trainer.load_weights(run / "best.pt")
-    metrics = trainer.evaluate(args.split)
-    print(json.dumps({"run": str(run), "split": args.split, "epoch": checkpoint.get("epoch"), **metrics}, indent=2))
+    run = load_run(Path(args.run))
+    metrics = run.evaluate(args.split)
+    epoch = run.metrics.get("best_epoch") if run.metrics else None
+    print(json.dumps({"run": str(run.path), "method": run.method, "split": args.split, "epoch": epoch, **metrics}, indent=2))
     return 0
 
 
 def cmd_robust(args, command: str) -> int:
     from .config import parse_override
-    from .evaluation.robustness import parse_levels, robustness_report
+    from .experiments.robustness import parse_levels, robustness_report
 
     for option in args.options:
         if "=" not in option:
@@ -169,13 +169,15 @@ def cmd_robust(args, command: str) -> int:
 
 
 def cmd_list(args) -> int:
-    from .registry import CORRUPTIONS, DATASETS, ENCODERS, FUSIONS, METHODS
+    from .registry import CORRUPTIONS, DATASETS, ENCODERS, FUSIONS, METHODS, METRICS
 
     registry = {"methods": METHODS, "datasets": DATASETS, "encoders": ENCODERS, "fusions": FUSIONS,
-                "corruptions": CORRUPTIONS}[args.what]
+                "corruptions": CORRUPTIONS, "metrics": METRICS}[args.what]
     width = max(len(n) for n in registry.names())
     for name in registry.names():
-        print(f"{name:<{width}}  {registry.describe(name)}")
+        kind = getattr(registry.get(name), "kind", None) if args.what == "methods" else None
+        prefix = f"{kind:<9}  " if kind else ""
+        print(f"{name:<{width}}  {prefix}{registry.describe(name)}")
     return 0
 
 
@@ -212,10 +214,9 @@ def _stderr(text: str) -> None:
 
 
 def cmd_bench(args, command: str) -> int:
-    from .evaluation.robustness import parse_sweep
     from .experiments.bench import run_bench
-
-    from .experiments.bench import split_methods
+    from .experiments.robustness import parse_sweep
+    from .methods.spec import split_methods
 
     methods = split_methods(args.methods)
     robust = parse_sweep(args.robust) if args.robust else None
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = "mmbalance " + shlex.join(argv)
     try:
-        _register_all()
+        _register_all(args.imports)
         handlers = {
             "train": cmd_train,
             "eval": cmd_eval,

@@ -53,6 +53,11 @@ class DataConfig(Section):
     test_fraction: float = Field(0.15, gt=0, lt=0.5)
     split_seed: Optional[int] = Field(None, description="seed of the split; the run seed if unset")
     on_error: Literal["raise", "skip"] = "raise"
+    heldout: Literal["val", "carve"] = Field(
+        "val",
+        description="held-out data methods may estimate on: the validation split, or a stratified carve of the training split (removed from training)",
+    )
+    heldout_fraction: float = Field(0.1, gt=0, lt=0.5, description="fraction of the training split carved out when data.heldout=carve")
 
 
 class ModelConfig(Section):
@@ -73,6 +78,7 @@ CORE_SECTIONS: dict[str, type[Section]] = {
     "model": ModelConfig,
 }
 SCALAR_KEYS = {"method": str, "seed": int}
+PRIVATE_KEYS = ("_recommended",)
 
 
 def component_sections() -> dict[str, type[Section]]:
@@ -168,7 +174,7 @@ class RunConfig:
     def __init__(self, raw: dict):
         raw = copy.deepcopy(raw)
         components = component_sections()
-        allowed = [*SCALAR_KEYS, *CORE_SECTIONS, *components]
+        allowed = [*SCALAR_KEYS, *CORE_SECTIONS, *components, *PRIVATE_KEYS]
         for key in raw:
             if key not in allowed:
                 hint = closest(key, allowed)
@@ -177,18 +183,29 @@ class RunConfig:
                     f"unknown config section '{key}'{did_you_mean} "
                     f"(allowed: {', '.join(SCALAR_KEYS)}, {', '.join(CORE_SECTIONS)}, or a method or dataset name)"
                 )
-        self.method: str = self._scalar(raw, "method", "joint")
+        from .methods.compose import resolve  # the registry's parts, checked against the composition rules
+
+        spec = self._scalar(raw, "method", "joint")
+        parts = resolve(spec)
+        for part in parts:
+            if part.options:
+                section = raw.setdefault(part.name, {})
+                if not isinstance(section, dict):
+                    raise ConfigError(f"config section '{part.name}' must be a mapping, got {section!r}")
+                section.update(part.options)
+        self.parts: list[str] = [p.name for p in parts]
+        self.method: str = "+".join(self.parts)
+        self.recommended: dict[str, str] = dict(raw.pop("_recommended", {}) or {})
         self.seed: int = self._scalar(raw, "seed", 0)
         if self.seed < 0:
             raise ConfigError(f"invalid value for seed: {self.seed} (must be >= 0)")
         self.train: TrainConfig = validate_section("train", TrainConfig, raw.get("train"))
         self.data: DataConfig = validate_section("data", DataConfig, raw.get("data"))
         self.model: ModelConfig = validate_section("model", ModelConfig, raw.get("model"))
-        METHODS.get(self.method)
         DATASETS.get(self.data.name)
         self.sections: dict[str, Section] = {}
         for name, schema in components.items():
-            if name in raw or name in (self.method, self.data.name):
+            if name in raw or name in (*self.parts, self.data.name):
                 self.sections[name] = validate_section(name, schema, raw.get(name))
 
     @staticmethod
@@ -205,9 +222,9 @@ class RunConfig:
         """The options of a method or dataset, with defaults filled in."""
         return self.sections[name]
 
-    @property
-    def method_config(self) -> Section:
-        return self.sections[self.method]
+    def part_configs(self) -> dict[str, Section]:
+        """The options of every part of the method, objective first."""
+        return {name: self.sections[name] for name in self.parts}
 
     @property
     def dataset_config(self) -> Section:
@@ -223,14 +240,60 @@ class RunConfig:
         return out
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The resolved config; settings a method recommended are named in a comment above it."""
+        header = "".join(
+            f"# {key}: recommended by {source}\n" for key, source in sorted(self.recommended.items())
+        )
+        return header + yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def replace(self, **overrides: Any) -> "RunConfig":
         """A copy with dotted overrides applied, validated again."""
         raw = self.to_dict()
         for key, value in overrides.items():
             set_dotted(raw, key, value)
+        raw["_recommended"] = dict(self.recommended)
         return RunConfig(raw)
+
+
+def get_dotted(tree: dict, key: str) -> tuple[bool, Any]:
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def recommended_settings(spec: Any, user: dict) -> tuple[dict, dict[str, str]]:
+    """The settings the method's parts recommend (``Part.defaults``) that the user left unset.
+
+    A recommendation applies to the core sections and to the sections of
+    parts in the run. Two parts recommending different values for a key the
+    user did not set is an error: the user must choose.
+    """
+    from .methods.compose import resolve
+
+    if not isinstance(spec, str):
+        return {}, {}
+    parts = [p.name for p in resolve(spec)]
+    tree: dict = {}
+    sources: dict[str, str] = {}
+    values: dict[str, Any] = {}
+    for name in parts:
+        for key, value in getattr(METHODS.get(name), "defaults", {}).items():
+            section = key.split(".", 1)[0]
+            if section not in CORE_SECTIONS and section not in parts:
+                continue
+            if get_dotted(user, key)[0]:
+                continue
+            if key in values and values[key] != value:
+                raise ConfigError(
+                    f"'{sources[key]}' recommends {key}={values[key]!r} and '{name}' recommends {value!r}; "
+                    f"choose one with --set {key}=VALUE"
+                )
+            values[key], sources[key] = value, name
+            set_dotted(tree, key, value)
+    return tree, sources
 
 
 def build_config(
@@ -241,13 +304,23 @@ def build_config(
     method: str | None = None,
     seed: int | None = None,
 ) -> RunConfig:
-    """Resolve defaults < dataset defaults < YAML file < flags < ``--set`` overrides."""
+    """Resolve defaults < dataset defaults < method recommendations < YAML file < flags < ``--set``.
+
+    ``method`` is a spec (``midas[lam=0.5]+arl``); its bracketed options sit
+    at the flags' level, so ``--set`` still overrides them.
+    """
+    from .methods.spec import parse_spec, spec_string
+
     user: dict = load_yaml(file) if file else {}
     flags: dict = {}
     if dataset is not None:
         set_dotted(flags, "data.name", dataset)
     if method is not None:
-        flags["method"] = method
+        parts = parse_spec(method)
+        flags["method"] = spec_string(parts)
+        for part in parts:
+            for key, value in part.options.items():
+                set_dotted(flags, f"{part.name}.{key}", value)
     if seed is not None:
         flags["seed"] = seed
     user = merge(user, flags)
@@ -260,4 +333,7 @@ def build_config(
     if isinstance(dataset_name, str) and dataset_name in DATASETS:
         for key, value in getattr(DATASETS.get(dataset_name), "defaults", {}).items():
             set_dotted(defaults, key, value)
-    return RunConfig(merge(defaults, user))
+    recommended, sources = recommended_settings(user.get("method", "joint"), user)
+    raw = merge(merge(defaults, recommended), user)
+    raw["_recommended"] = sources
+    return RunConfig(raw)

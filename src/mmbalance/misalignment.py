@@ -65,7 +65,8 @@ def draw_sources(
     (x^1_i, x^2_j) and (x^1_j, x^2_i).
 
     Rows are shift-major: rows 0..V-1 are shift 0 (slot 0 from the anchor) of
-    the kept anchors in batch order, rows V..2V-1 shift 1, and so on.
+    the kept anchors in batch order, rows V..2V-1 shift 1, and so on; so row r
+    belongs to anchor r mod V, and ``anchors_of`` reads it back.
     """
     if num_modalities < 2:
         raise ValueError(f"misaligned samples need at least 2 modalities, got {num_modalities}")
@@ -92,6 +93,23 @@ def draw_sources(
     slots = torch.arange(num_modalities, device=device)
     member_of = (slots[:, None] + slots[None, :]) % num_modalities  # [shift, slot] -> member
     return group[:, member_of].transpose(0, 1).reshape(-1, num_modalities), valid
+
+
+def anchors_of(sources: Tensor) -> Tensor:
+    """Each misaligned sample's anchor (the batch sample whose group it is), LongTensor[K].
+
+    The hard-sample weight needs it: a sample's replaced slots are those not
+    filled by its anchor. Reads ``draw_sources``' layout, which sources given
+    by hand must follow: K = M * V rows, shift-major, row r is shift r // V of
+    anchor r mod V's group, so the anchor fills slot (M - shift) mod M (slot 0
+    of the first V rows). For M = 2, anchor i and partner j: rows (i, j) and
+    (j, i), V rows apart.
+    """
+    k, m = sources.shape
+    if k % m:
+        raise ValueError(f"{k} misaligned samples are not draw_sources' {m} shifts per anchor; pass anchors explicitly")
+    shift = torch.arange(k, device=sources.device) // max(k // m, 1)
+    return sources.gather(1, ((m - shift) % m)[:, None]).squeeze(1)
 
 
 def misaligned_features(features: Mapping[str, Tensor], sources: Tensor, modalities: Sequence[str]) -> dict[str, Tensor]:
@@ -146,15 +164,23 @@ def _similarity(u: Tensor, v: Tensor, kind: Similarity) -> Tensor:
 
 
 def hard_sample_weights(
-    features: Mapping[str, Tensor], sources: Tensor, modalities: Sequence[str], similarity: Similarity = "cosine"
+    features: Mapping[str, Tensor],
+    sources: Tensor,
+    modalities: Sequence[str],
+    similarity: Similarity = "cosine",
+    anchors: Tensor | None = None,
 ) -> Tensor:
     """w = 1 + (s + 1) / 2 in [1, 2]: a swapped-in feature close to the one it replaced makes a hard sample.
 
-    The sample is read as its slot-0 source (the base) with the other slots
-    replaced; s is the similarity, in [-1, 1], between the base's own feature
-    and the swapped-in one, averaged over the slots whose source differs from
-    the base (for M = 2 the paper's s = cos(f^2_i, f^2_j)). A sample with no
-    replaced slot (only possible without the label check) has s = 1.
+    A sample is read as its anchor (``anchors``, LongTensor[K]; default
+    ``anchors_of(sources)``) with some slots replaced: those whose source
+    differs from the anchor. s is the similarity, in [-1, 1], between the
+    anchor's own feature and the swapped-in one, averaged over the replaced
+    slots. For M = 2, anchor i and partner j, (x^1_i, x^2_j) has s =
+    cos(f^2_i, f^2_j) and its mirror (x^1_j, x^2_i) s = cos(f^1_i, f^1_j), as
+    in the paper; reading every sample from slot 0 would give both the
+    second. A sample with no replaced slot (only possible without the label
+    check) has s = 1.
 
     ``similarity="l2"`` uses s = 1 - |u - v|^2 / (|u|^2 + |v|^2)
     = 2 u.v / (|u|^2 + |v|^2): the squared L2 distance relative to the pair's
@@ -163,15 +189,16 @@ def hard_sample_weights(
     in length; being per pair, it needs no batch statistic and is scale-free.
     Features are detached: the weight scales a loss, it is not trained.
     """
-    base = sources[:, 0]
+    if anchors is None:
+        anchors = anchors_of(sources)
     columns = []
-    for slot, m in enumerate(modalities[1:], start=1):
+    for slot, m in enumerate(modalities):
         feature = features[m].detach().flatten(1).float()
-        columns.append(_similarity(feature[base], feature[sources[:, slot]], similarity))
-    similarities = torch.stack(columns, dim=1)  # [K, M-1]
-    replaced = sources[:, 1:] != base[:, None]
+        columns.append(_similarity(feature[anchors], feature[sources[:, slot]], similarity))
+    replaced = sources != anchors[:, None]
+    similarities = torch.stack(columns, dim=1).masked_fill(~replaced, 0.0)  # [K, M]
     count = replaced.sum(1)
-    mean = (similarities * replaced).sum(1) / count.clamp_min(1)
+    mean = similarities.sum(1) / count.clamp_min(1)
     s = torch.where(count > 0, mean, torch.ones_like(mean))
     return 1 + (s + 1) / 2
 
@@ -256,10 +283,11 @@ class MisalignmentLoss(nn.Module):
     from the paper: pairs come from a random permutation without a label
     check; α moves by +-η by the ratio rule of ``official_alpha_step`` (weak
     modality from the batch-mean unimodal confidences instead of the
-    normalised ones) and is clamped to [1, alpha_max]; the loss, a mean over
-    the two swapped halves, is halved. α stays per modality as in the paper,
-    with only the weak one moving; this equals a single α on the weak
-    modality for as long as the weak modality stays the same.
+    normalised ones) and is clamped to [1, alpha_max]. The loss is the
+    paper's mean over the 2N misaligned samples: the authors' loss is that
+    mean already, so halving it again would halve λ. α stays per modality as
+    in the paper, with only the weak one moving; this equals a single α on
+    the weak modality for as long as the weak modality stays the same.
     """
 
     def __init__(
@@ -312,9 +340,12 @@ class MisalignmentLoss(nn.Module):
         """(L_mis, stats) for one aligned batch.
 
         ``sources`` fixes the misaligned samples (default: drawn with
-        ``generator``). ``misaligned`` maps sources to the misaligned feature
-        dict; the default gathers ``features`` (feature level), input level
-        passes e.g. ``lambda s: encode(misaligned_inputs(inputs, s, modalities))``.
+        ``generator``) in ``draw_sources``' layout, from which the hard-sample
+        weight reads each sample's anchor (``anchors_of``): shift-major rows,
+        the anchors in slot 0 of the first V rows, e.g. (i, j), (j, i) for
+        M = 2. ``misaligned`` maps sources to the misaligned feature dict; the
+        default gathers ``features`` (feature level), input level passes e.g.
+        ``lambda s: encode(misaligned_inputs(inputs, s, modalities))``.
         Confidences and hard-sample weights always come from the aligned batch.
 
         ``stats`` (detached tensors): ``count`` misaligned samples; per slot
@@ -333,8 +364,6 @@ class MisalignmentLoss(nn.Module):
         weights = hard_sample_weights(features, sources, self.modalities, self.similarity) if self.hard_weighting else None
         alpha = self.alpha if self.weak_weighting else None
         loss = misaligned_loss(fused_logits, source_labels, soft_labels(confidences), alpha, weights)
-        if self.variant == "official":
-            loss = loss / 2
         return loss, self._statistics(confidences, fused_source_probabilities(fused_logits, source_labels))
 
     def _statistics(self, confidences: Tensor, fused_probabilities: Tensor) -> dict[str, Tensor]:

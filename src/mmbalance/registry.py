@@ -1,4 +1,4 @@
-"""Name -> class registries for methods, datasets, encoders, fusion heads and corruptions.
+"""Name -> class registries for methods, datasets, encoders, fusion heads, corruptions and metrics.
 
 Every pluggable component is found by name, the way timm finds models: a
 decorator registers a class, ``get`` looks it up and suggests the closest name
@@ -48,6 +48,10 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def unregister(self, name: str) -> None:
+        """Remove an entry (for tests and interactive sessions that register throwaway parts)."""
+        self._entries.pop(name, None)
+
     def get(self, name: str) -> T:
         if not isinstance(name, str):
             raise UnknownNameError(
@@ -82,3 +86,4 @@ DATASETS: Registry = Registry("dataset")
 ENCODERS: Registry = Registry("encoder")
 FUSIONS: Registry = Registry("fusion")
 CORRUPTIONS: Registry = Registry("corruption")
+METRICS: Registry = Registry("metric")

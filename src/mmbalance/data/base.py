@@ -61,6 +61,37 @@ class TensorDataset(MultimodalDataset):
         return TensorDataset({m: x[idx] for m, x in self.inputs.items()}, self.labels[idx], self.index[idx])
 
 
+class SubsetDataset(MultimodalDataset):
+    """Some rows of another split (a held-out carve), keeping the samples' own indices."""
+
+    def __init__(self, base: MultimodalDataset, rows: np.ndarray | Tensor):
+        self.base = base
+        self.rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+        self.labels = base.labels[self.rows]
+        self.modalities = list(base.modalities)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.base[int(self.rows[i])]
+
+    def __getitems__(self, indices: list[int]):
+        rows = self.rows[torch.as_tensor(indices, dtype=torch.long)].tolist()
+        if hasattr(self.base, "__getitems__"):
+            return self.base.__getitems__(rows)
+        return [self.base[r] for r in rows]
+
+
+def carve(dataset: MultimodalDataset, fraction: float, seed: int) -> tuple[MultimodalDataset, MultimodalDataset]:
+    """(rest, carved): a stratified ``fraction`` of ``dataset`` set apart, the same for every method of a seed."""
+    from .splits import stratified_split
+
+    carved, rest = stratified_split(dataset.labels.numpy(), (fraction,), seed)
+    if len(carved) == 0 or len(rest) == 0:
+        raise DataError(
+            f"data.heldout_fraction={fraction} of {len(dataset)} training samples leaves an empty part; choose another fraction"
+        )
+    return SubsetDataset(dataset, rest), SubsetDataset(dataset, carved)
+
+
 @dataclass
 class DataBundle:
     """The three splits of a dataset and what a model needs to know about it."""
@@ -77,14 +108,33 @@ class DataBundle:
     @classmethod
     def from_tensors(
         cls,
-        tensors: dict[str, Tensor],
-        labels: Tensor,
-        rows: tuple,
-        num_classes: int,
+        tensors: dict[str, Tensor | np.ndarray],
+        labels: Tensor | np.ndarray,
+        rows: tuple | None = None,
+        num_classes: int | None = None,
         class_names: list[str] | None = None,
         info: dict[str, Any] | None = None,
+        *,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        seed: int = 0,
     ) -> "DataBundle":
-        """Splits of in-memory data, from ``(train, val, test)`` row indices."""
+        """Splits of in-memory data: one tensor (or array) per modality, first dimension = samples.
+
+        ``rows`` gives the ``(train, val, test)`` row indices; without it a
+        stratified split with the given fractions is drawn from ``seed``.
+        ``num_classes`` defaults to the largest label + 1.
+        """
+        from .splits import train_val_test
+
+        tensors = {m: _as_tensor(m, x) for m, x in tensors.items()}
+        labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, Tensor) else labels).long()
+        if labels.ndim != 1:
+            raise DataError(f"labels must be 1-d (one class per sample), got shape {tuple(labels.shape)}")
+        if num_classes is None:
+            num_classes = int(labels.max()) + 1 if labels.numel() else 0
+        if rows is None:
+            rows = train_val_test(labels.numpy(), val_fraction, test_fraction, seed)
         full = TensorDataset(tensors, labels)
         train, val, test = (full.subset(r) for r in rows)
         return cls(
@@ -126,6 +176,20 @@ class DataBundle:
             if missing:
                 raise DataError(f"the {split} split has no data for modality {missing[0]!r} (expected {self.modalities})")
         return self
+
+
+def _as_tensor(name: str, values: Tensor | np.ndarray) -> Tensor:
+    """Floats as float32 features, integers (token ids) as int64; a 1-d array is one feature per sample."""
+    x = values if isinstance(values, Tensor) else torch.from_numpy(np.ascontiguousarray(values))
+    if x.ndim == 0:
+        raise DataError(f"modality '{name}' is a scalar; expected one row per sample")
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.is_floating_point() or x.dtype == torch.bool:
+        return x.float()
+    if x.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+        return x.long()
+    raise DataError(f"modality '{name}' has dtype {x.dtype}; expected numbers (floats or integers)")
 
 
 def select_views(inputs: dict[str, Any], views: list[str] | None, dataset: str) -> list[str]:

@@ -17,6 +17,7 @@ class Batch:
     labels: Tensor
     index: Tensor
     extras: dict[str, Any] = field(default_factory=dict)
+    weight: Tensor | None = None  # per-sample loss weights a plugin may set before the step
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -34,6 +35,7 @@ class Batch:
                 k: v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v
                 for k, v in self.extras.items()
             },
+            weight=None if self.weight is None else self.weight.to(device, non_blocking=non_blocking),
         )
 
 

@@ -45,7 +45,7 @@ import numpy as np
 from ..config import build_config
 from ..errors import DataError, MMBalanceError
 from ..registry import unknown_name_message
-from ..training.checkpoint import atomic_write_bytes, atomic_write_text
+from ..files import atomic_write_bytes, atomic_write_text
 from .benchmarks.audiovisual import AVE, CREMAD_CLASSES, AudioVisualBenchmark, CremaD, KineticsSounds, emotion_of
 from .benchmarks.media import IMAGE_SUFFIXES, Spectrogram
 from .splits import stratified_split

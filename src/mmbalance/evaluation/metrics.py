@@ -1,116 +1,62 @@
-"""Evaluation: run a method's model over a split once, then compute every metric.
+"""Evaluation metrics as objects: collect per batch, reduce at the end, gathered across processes.
 
-``collect_outputs`` does the forward passes (the prediction, the fused head on
-every coalition of zeroed modalities, the unimodal heads); the metric
-functions are pure functions of those outputs, so they are tested on
-hand-made tensors.
+A ``Metric`` keeps sums (tensors on the evaluation device) that it updates
+from each batch's ``EvalView`` and turns into reported values in
+``compute``. Sums add across processes, so a sharded evaluation is reduced
+with one all-reduce and gives exactly the single-process numbers. Built-in
+metrics are registered in ``METRICS`` and run for every method; a part adds
+its own through ``Part.metrics()``. A new quantity is one class here or in
+the part's file, nothing else.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from ..misalignment import draw_sources, fused_source_probabilities, misaligned_features
-from ..models.multimodal import zero_out
+from ..misalignment import fused_source_probabilities
+from ..registry import METRICS
 from .shapley import all_coalitions, imbalance_ratio, shapley_values
 
 
-@dataclass
-class Outputs:
-    labels: Tensor
-    index: Tensor
-    logits: Tensor
-    coalition_logits: dict[frozenset, Tensor]
-    unimodal_logits: dict[str, Tensor]
-    misaligned_logits: Tensor | None = None  # [K, C] fused logits on misaligned samples
-    misaligned_labels: Tensor | None = None  # [K, M] the source label of every slot
+class Metric:
+    """Base: ``reset`` makes the sums, ``update`` adds a batch, ``compute`` reports."""
 
-    def to_cpu_dict(self) -> dict:
-        return {
-            "labels": self.labels,
-            "index": self.index,
-            "logits": self.logits,
-            "coalition_logits": {tuple(sorted(k)): v for k, v in self.coalition_logits.items()},
-            "unimodal_logits": self.unimodal_logits,
-            "misaligned_logits": self.misaligned_logits,
-            "misaligned_labels": self.misaligned_labels,
-        }
+    name: ClassVar[str] = ""
 
-    @staticmethod
-    def concat(parts: list[dict]) -> "Outputs":
-        """Join shards from several processes, dropping padded duplicates by index."""
-        index = torch.cat([p["index"] for p in parts])
-        order = torch.argsort(index, stable=True)
-        keep = torch.ones_like(order, dtype=torch.bool)
-        sorted_index = index[order]
-        keep[1:] = sorted_index[1:] != sorted_index[:-1]
-        rows = order[keep]
+    def reset(self, modalities: list[str], num_classes: int, device: torch.device) -> None:
+        self.modalities = list(modalities)
+        self.num_classes = num_classes
+        self.device = device
+        self.sums: dict[str, Tensor] = {}
 
-        def join(key):
-            return torch.cat([p[key] for p in parts])[rows]
+    def zeros(self, key: str, *shape: int) -> None:
+        self.sums[key] = torch.zeros(*shape, dtype=torch.float64, device=self.device)
 
-        coalitions = parts[0]["coalition_logits"].keys()
-        unimodal = parts[0]["unimodal_logits"].keys()
-        return Outputs(
-            labels=join("labels"),
-            index=index[rows],
-            logits=join("logits"),
-            coalition_logits={
-                frozenset(k): torch.cat([p["coalition_logits"][k] for p in parts])[rows] for k in coalitions
-            },
-            unimodal_logits={m: torch.cat([p["unimodal_logits"][m] for p in parts])[rows] for m in unimodal},
-            # misaligned samples have no identity to deduplicate: every shard's are kept
-            misaligned_logits=_cat_optional([p.get("misaligned_logits") for p in parts]),
-            misaligned_labels=_cat_optional([p.get("misaligned_labels") for p in parts]),
-        )
+    def update(self, view: "EvalView") -> None:
+        pass
+
+    def compute(self) -> dict[str, Any]:
+        raise NotImplementedError
 
 
-def _cat_optional(tensors: list) -> Tensor | None:
-    return None if any(t is None for t in tensors) else torch.cat(tensors)
+class SumMetric(Metric):
+    """A metric whose state is a fixed set of sums, made in ``init_sums``."""
+
+    def reset(self, modalities, num_classes, device):
+        super().reset(modalities, num_classes, device)
+        self.init_sums()
+
+    def init_sums(self) -> None:
+        raise NotImplementedError
 
 
-MISALIGNED_SEED = 20251
-
-
-@torch.no_grad()
-def collect_outputs(method, model, loader, device, modalities: list[str]) -> Outputs:
-    model.eval()
-    method.eval()
-    coalitions = all_coalitions(modalities)
-    # The same misaligned samples at every evaluation: a fixed seed and the loader's fixed order.
-    generator = torch.Generator().manual_seed(MISALIGNED_SEED)
-    misaligned_logits: list[Tensor] = []
-    misaligned_labels: list[Tensor] = []
-    labels, index, logits = [], [], []
-    coalition_logits: dict[frozenset, list[Tensor]] = {c: [] for c in coalitions}
-    unimodal: dict[str, list[Tensor]] = {m: [] for m in modalities}
-    for batch in loader:
-        batch = batch.to(device)
-        features = method.encode(model, batch.inputs)
-        logits.append(method.predict_from_features(model, features).float().cpu())
-        for coalition in coalitions:
-            coalition_logits[coalition].append(method.fuse(model, zero_out(features, coalition)).float().cpu())
-        for m, z in method.heads(model, features).items():
-            unimodal[m].append(z.float().cpu())
-        sources, _ = draw_sources(batch.labels, len(modalities), generator)
-        if len(sources):
-            swapped = misaligned_features(features, sources, modalities)
-            misaligned_logits.append(method.fuse(model, swapped).float().cpu())
-            misaligned_labels.append(batch.labels[sources].cpu())
-        labels.append(batch.labels.cpu())
-        index.append(batch.index.cpu())
-    return Outputs(
-        labels=torch.cat(labels),
-        index=torch.cat(index),
-        logits=torch.cat(logits),
-        coalition_logits={c: torch.cat(v) for c, v in coalition_logits.items()},
-        unimodal_logits={m: torch.cat(v) for m, v in unimodal.items() if v},
-        misaligned_logits=torch.cat(misaligned_logits) if misaligned_logits else torch.zeros(0, model.num_classes),
-        misaligned_labels=torch.cat(misaligned_labels) if misaligned_labels else torch.zeros(0, len(modalities), dtype=torch.long),
-    )
+def ratio(numerator: Tensor | float, denominator: Tensor | float) -> float:
+    denominator = float(denominator)
+    return float(numerator) / denominator if denominator else math.nan
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> float:
@@ -119,60 +65,156 @@ def accuracy(logits: Tensor, labels: Tensor) -> float:
     return float((logits.argmax(dim=-1) == labels).float().mean())
 
 
-def macro_f1(predictions: Tensor, labels: Tensor, num_classes: int) -> float:
+def macro_f1_from_counts(true_positive: Tensor, predicted: Tensor, actual: Tensor) -> float:
     """Mean F1 over the classes that occur in the labels or the predictions."""
-    scores = []
-    for c in range(num_classes):
-        predicted = predictions == c
-        actual = labels == c
-        if not predicted.any() and not actual.any():
-            continue
-        tp = float((predicted & actual).sum())
-        precision_den = float(predicted.sum())
-        recall_den = float(actual.sum())
-        precision = tp / precision_den if precision_den else 0.0
-        recall = tp / recall_den if recall_den else 0.0
-        scores.append(0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall))
-    return sum(scores) / len(scores) if scores else 0.0
+    present = (predicted > 0) | (actual > 0)
+    if not present.any():
+        return 0.0
+    precision = true_positive / predicted.clamp_min(1)
+    recall = true_positive / actual.clamp_min(1)
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-300), torch.zeros_like(precision))
+    return float(f1[present].mean())
 
 
-def misaligned_metrics(logits: Tensor, source_labels: Tensor, modalities: list[str]) -> dict:
-    """MIDAS's diagnostics on misaligned samples (for any method).
+def macro_f1(predictions: Tensor, labels: Tensor, num_classes: int) -> float:
+    counts = class_counts(predictions, labels, num_classes)
+    return macro_f1_from_counts(*counts)
 
-    ``misaligned_accuracy``: a sample counts as correct when every source
-    label is among the top-M predictions (M = number of modalities).
-    ``misaligned_confidence``: per modality, the mean of the fused model's
-    probability of that slot's source class, normalised over the slots'
-    classes; a model that reads only one modality gives that one ~1.
-    """
-    if logits is None or len(logits) == 0:
+
+def class_counts(predictions: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per class: true positives, predicted count, actual count (float64)."""
+    def count(values: Tensor) -> Tensor:
+        return torch.bincount(values, minlength=num_classes).double()
+
+    return count(predictions[predictions == labels]), count(predictions), count(labels)
+
+
+@METRICS.register("classification")
+class Classification(SumMetric):
+    """Accuracy, macro-F1 and the number of samples of the run's prediction."""
+
+    def init_sums(self):
+        for key in ("true_positive", "predicted", "actual"):
+            self.zeros(key, self.num_classes)
+
+    def update(self, view):
+        tp, predicted, actual = class_counts(view.logits.argmax(-1), view.labels, self.num_classes)
+        self.sums["true_positive"] += tp
+        self.sums["predicted"] += predicted
+        self.sums["actual"] += actual
+
+    def compute(self):
+        s = self.sums
+        total = s["actual"].sum()
         return {
-            "misaligned_accuracy": float("nan"),
-            "misaligned_confidence": {m: float("nan") for m in modalities},
-            "misaligned_samples": 0,
+            "accuracy": ratio(s["true_positive"].sum(), total),
+            "macro_f1": macro_f1_from_counts(s["true_positive"], s["predicted"], s["actual"]),
+            "num_samples": int(total),
         }
-    top = logits.topk(min(len(modalities), logits.shape[1]), dim=1).indices  # [K, M]
-    hit = (source_labels[:, :, None] == top[:, None, :]).any(dim=2).all(dim=1)
-    probabilities = fused_source_probabilities(logits, source_labels)  # [K, M]
-    normalised = probabilities / probabilities.sum(dim=1, keepdim=True).clamp_min(1e-12)
-    return {
-        "misaligned_accuracy": float(hit.float().mean()),
-        "misaligned_confidence": {m: float(normalised[:, k].mean()) for k, m in enumerate(modalities)},
-        "misaligned_samples": int(len(logits)),
-    }
 
 
-def compute_metrics(outputs: Outputs, modalities: list[str], num_classes: int) -> dict:
-    labels = outputs.labels
-    coalition_accuracy = {c: accuracy(z, labels) for c, z in outputs.coalition_logits.items()}
-    shapley = shapley_values(coalition_accuracy, modalities)
-    return {
-        "accuracy": accuracy(outputs.logits, labels),
-        "macro_f1": macro_f1(outputs.logits.argmax(dim=-1), labels, num_classes),
-        "modality_accuracy": {m: coalition_accuracy[frozenset([m])] for m in modalities},
-        "unimodal_accuracy": {m: accuracy(z, labels) for m, z in outputs.unimodal_logits.items()},
-        "shapley": shapley,
-        "imbalance_ratio": imbalance_ratio(shapley),
-        "num_samples": int(labels.numel()),
-        **misaligned_metrics(outputs.misaligned_logits, outputs.misaligned_labels, modalities),
-    }
+@METRICS.register("modality_contribution")
+class ModalityContribution(SumMetric):
+    """Modality-only accuracy (the fused head with the others zeroed), exact Shapley values, imbalance ratio."""
+
+    def init_sums(self):
+        self.coalitions = all_coalitions(self.modalities)
+        self.zeros("correct", len(self.coalitions))
+        self.zeros("count", 1)
+
+    def update(self, view):
+        correct = torch.stack([(view.coalition_logits(c).argmax(-1) == view.labels).sum() for c in self.coalitions])
+        self.sums["correct"] += correct.double()
+        self.sums["count"] += len(view.labels)
+
+    def compute(self):
+        count = self.sums["count"][0]
+        value = {c: ratio(k, count) for c, k in zip(self.coalitions, self.sums["correct"])}
+        shapley = shapley_values(value, self.modalities)
+        return {
+            "modality_accuracy": {m: value[frozenset([m])] for m in self.modalities},
+            "shapley": shapley,
+            "imbalance_ratio": imbalance_ratio(shapley),
+        }
+
+
+@METRICS.register("unimodal_heads")
+class UnimodalHeads(SumMetric):
+    """Accuracy of each unimodal head on its own encoder."""
+
+    def init_sums(self):
+        self.zeros("correct", len(self.modalities))
+        self.zeros("count", len(self.modalities))
+
+    def update(self, view):
+        heads = view.unimodal
+        for k, m in enumerate(self.modalities):
+            if m in heads:
+                self.sums["correct"][k] += (heads[m].argmax(-1) == view.labels).sum()
+                self.sums["count"][k] += len(view.labels)
+
+    def compute(self):
+        return {
+            "unimodal_accuracy": {
+                m: ratio(self.sums["correct"][k], self.sums["count"][k])
+                for k, m in enumerate(self.modalities) if self.sums["count"][k] > 0
+            }
+        }
+
+
+def misaligned_hits(logits: Tensor, source_labels: Tensor) -> Tensor:
+    """Per misaligned sample: are its distinct source labels exactly its top-|distinct| predictions?
+
+    With k distinct source labels a sample counts as correct when every one
+    of them ranks among the k highest fused logits; slots sharing a label
+    count once (they name the same class).
+    """
+    ordered = source_labels.sort(dim=1).values
+    distinct = 1 + (ordered[:, 1:] != ordered[:, :-1]).sum(dim=1)
+    label_logits = logits.gather(1, source_labels)  # [K, M]
+    rank = (logits[:, None, :] > label_logits[:, :, None]).sum(dim=2)  # classes strictly above each label
+    return (rank < distinct[:, None]).all(dim=1)
+
+
+@METRICS.register("misalignment")
+class Misalignment(SumMetric):
+    """MIDAS's diagnostics on misaligned samples, for every method.
+
+    ``misaligned_accuracy``: the share of misaligned samples whose distinct
+    source labels are the fused model's top predictions (see
+    ``misaligned_hits``); undefined (None) when there are no more classes
+    than modalities, where every class fits in the top M and the score would
+    be 100 % by construction. ``misaligned_confidence``: per modality, the
+    mean fused probability of that slot's source class, normalised over the
+    slots; a model that reads only one modality gives that one ~1.
+    """
+
+    def init_sums(self):
+        self.zeros("hits", 1)
+        self.zeros("count", 1)
+        self.zeros("confidence", len(self.modalities))
+
+    def update(self, view):
+        misaligned = view.misaligned
+        if misaligned is None:
+            return
+        logits, source_labels = misaligned
+        if len(logits) == 0:
+            return
+        probabilities = fused_source_probabilities(logits, source_labels)
+        normalised = probabilities / probabilities.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        self.sums["hits"] += misaligned_hits(logits.float(), source_labels).sum()
+        self.sums["count"] += len(logits)
+        self.sums["confidence"] += normalised.double().sum(0)
+
+    def compute(self):
+        count = self.sums["count"][0]
+        defined = self.num_classes > len(self.modalities)
+        return {
+            "misaligned_accuracy": ratio(self.sums["hits"][0], count) if defined else None,
+            "misaligned_confidence": {m: ratio(self.sums["confidence"][k], count) for k, m in enumerate(self.modalities)},
+            "misaligned_samples": int(count),
+        }
+
+
+DEFAULT_METRICS = ("classification", "modality_contribution", "unimodal_heads", "misalignment")

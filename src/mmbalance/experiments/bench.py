@@ -1,9 +1,10 @@
 """Benchmark grids: every method x seed on one dataset, then a summary.
 
 Each run lives in its own folder directly under the benchmark folder
-(``METHOD-seedN``). A method may carry its own options, for ablations:
-``midas[warmup=false]`` or ``midas[weak_weighting=false;hard_weighting=false]``
-runs MIDAS with ``midas.warmup=false`` and is reported under that label. A
+(``SPEC-seedN``). A spec combines an objective with plugins and may carry
+options, for ablations: ``midas[modulation_starts=0]+arl[temperature=4]``
+runs MIDAS without warm-up and ARL with T = 4 and is reported under its full
+spec (a plugin alone, ``arl``, is reported as ``joint+arl``). A
 finished run (``metrics.json`` present) is skipped on
 re-runs and an interrupted one is resumed, so a killed benchmark continues
 where it stopped. ``results.jsonl`` and ``summary.md`` are rebuilt from the
@@ -17,56 +18,18 @@ import re
 import sys
 from pathlib import Path
 
-from ..config import RunConfig, Section, build_config, parse_override, validate_section
-from ..registry import METHODS
+from ..config import RunConfig, build_config
 from ..errors import MMBalanceError
-from ..evaluation.robustness import check_sweep, robustness_report
-from ..training.checkpoint import atomic_write_text
+from ..files import atomic_write_text
+from ..methods.compose import resolve
+from ..methods.spec import spec_string
 from ..training.trainer import check_writable, resume_run, train_run
+from .robustness import check_sweep, robustness_report
 from .summary import bar_chart, fmt, markdown_table
 
 
-METHOD_SPEC = re.compile(r"^(?P<name>[A-Za-z0-9_]+)(\[(?P<options>[^\[\]]*)\])?$")
-
-
-def split_methods(text: str) -> list[str]:
-    """Split ``a,b[x=1;y=2],c`` on the commas outside brackets."""
-    parts, depth, current = [], 0, ""
-    for char in text:
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            parts.append(current.strip())
-            current = ""
-        else:
-            current += char
-    parts.append(current.strip())
-    return [p for p in parts if p]
-
-
-def parse_method(spec: str) -> tuple[str, list[str]]:
-    """``midas[warmup=false]`` -> ``('midas', ['midas.warmup=false'])``."""
-    match = METHOD_SPEC.match(spec)
-    if not match:
-        raise MMBalanceError(f"bad method '{spec}': expected NAME or NAME[key=value;key=value]")
-    name, options = match["name"], match["options"]
-    overrides = []
-    for option in (options or "").split(";"):
-        if option.strip():
-            if "=" not in option:
-                raise MMBalanceError(f"bad option '{option}' in '{spec}': expected key=value")
-            overrides.append(f"{name}.{option.strip()}")
-    return name, overrides
-
-
-def method_section(spec: str) -> tuple[str, Section]:
-    """A method spec's name and its validated options, for use outside a full run config."""
-    name, overrides = parse_method(spec)
-    values = {key.split(".", 1)[1]: value for key, value in map(parse_override, overrides)}
-    return name, validate_section(name, METHODS.get(name).Config, values)
-
-
 def run_name(label: str, seed: int) -> str:
-    safe = re.sub(r"[^A-Za-z0-9_.=-]+", "-", label).strip("-")
+    safe = re.sub(r"[^A-Za-z0-9_.=+-]+", "-", label).strip("-")
     return f"{safe}-seed{seed}"
 
 
@@ -77,11 +40,15 @@ def plan_runs(dataset: str, methods: list[str], seeds: int, overrides: list[str]
     if not methods:
         raise MMBalanceError("--methods is empty; give a comma-separated list such as joint,unimodal")
     plan = []
+    labels: dict[str, str] = {}
     for spec in methods:
-        method, method_overrides = parse_method(spec)
+        label = spec_string(resolve(spec), with_options=True)  # the full spec: objective first, options kept
+        if label in labels:
+            raise MMBalanceError(f"--methods lists {label!r} twice ('{labels[label]}' and '{spec}'); each method once")
+        labels[label] = spec
         for seed in range(seeds):
-            config = build_config(config_file, overrides + method_overrides, dataset=dataset, method=method, seed=seed)
-            plan.append((spec, run_name(spec, seed), config))
+            config = build_config(config_file, overrides, dataset=dataset, method=spec, seed=seed)
+            plan.append((label, run_name(label, seed), config))
     return plan
 
 

@@ -1,9 +1,8 @@
-"""Training methods, one file each, found by name in ``METHODS``."""
+"""Training methods: objectives and plugins, one file each, found by name in ``METHODS``."""
 
-from .base import Method, StepResult
-from . import joint, unimodal  # noqa: F401  (registration)
-from . import midas  # noqa: F401  (registration)
-from . import cal  # noqa: F401  (registration)
-from . import arl  # noqa: F401  (registration)
+from .base import Objective, Part, Plugin, cross_entropy
+from .compose import Method, resolve
+from .record import StepRecord
+from . import joint, unimodal, midas, cal, cal_accel, arl  # noqa: F401  (registration)
 
-__all__ = ["Method", "StepResult"]
+__all__ = ["Method", "Objective", "Part", "Plugin", "StepRecord", "cross_entropy", "resolve"]

@@ -1,8 +1,9 @@
 """ARL: asymmetric representation learning (Wei, Luo, Luo, "Improving Multimodal Learning via
-Imbalanced Learning", ICCV 2025), as the CAL specification describes it.
+Imbalanced Learning", ICCV 2025), as a plugin for any objective.
 
 Each modality's prediction is read from the fusion head with the other
-modalities' features zeroed. Per batch, from those predictions:
+modalities' features zeroed (``unimodal_logits=zeroed``, ARL) or as the
+fusion-restricted d_m (``restricted``). Per batch, from those predictions:
 
 - H_m: mean entropy, normalised to sum 1, floored at ``entropy_floor`` (0.3);
 - q_m = (1 / H_m) / Σ_k (1 / H_k): inverse variance, how sure modality m is;
@@ -13,9 +14,15 @@ modalities' features zeroed. Per batch, from those predictions:
   mean dependence of the other modalities, mean_{k≠m} c_k · q_m, which is the
   two-modality rule exactly when M = 2.
 
-From ``start_epoch`` (5) on, the gradient reaching each encoder through its
-output feature becomes g + w_m g (a backward-only scaling; the forward pass
-is unchanged). Loss: CE(fused) + γ Σ_m CE(unimodal-from-fusion), γ = 4, T = 8.
+Inside the modulation window (from epoch 5) the gradient reaching each
+encoder through its output becomes g + w_m g (a backward-only scaling; the
+forward pass is unchanged). ARL's auxiliary loss γ Σ_m CE(unimodal-from-fusion)
+(γ = 4) is added to the objective's loss.
+
+``schedule=paper`` (default) is the paper's: γ throughout, scaling from
+``modulation_starts``. ``schedule=official`` is the authors' released
+schedule: γ = 1 during the warm-up (epochs before ``modulation_starts``),
+scaling from the epoch after ``modulation_starts``.
 """
 
 from __future__ import annotations
@@ -27,12 +34,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from ..config import Section
-from ..errors import ConfigError
-from ..models.multimodal import zero_out
 from ..registry import METHODS
-from .base import Method, StepResult
+from .base import Plugin
 from .gradient_scaling import scale_gradient_
+from .window import WindowConfig, in_window, window_bounds
 
 
 def prediction_statistics(unimodal_logits: Tensor) -> Tensor:
@@ -57,54 +62,52 @@ def balance_weights(entropy: Tensor, dependence: Tensor, temperature: float, ent
 
 
 @METHODS.register("arl")
-class ARL(Method):
+class ARL(Plugin):
     """Asymmetric gradient reinforcement from fusion-head predictions (Wei et al., ICCV 2025)."""
 
-    class Config(Section):
+    class Config(WindowConfig):
+        modulation_starts: int = Field(5, ge=0, description="first epoch (0-based) whose encoder gradients are scaled")
         temperature: float = Field(8.0, gt=0, description="T in w = softmax(T · c q) (8 for CREMA-D, 4 for Kinetics-Sounds and AVE)")
-        unimodal_weight: float = Field(4.0, ge=0, description="γ, weight of the unimodal-from-fusion losses")
-        start_epoch: int = Field(5, ge=0, description="first epoch (0-based) whose encoder gradients are scaled")
+        unimodal_weight: float = Field(4.0, ge=0, description="γ, weight of the unimodal-from-fusion losses added to the objective's")
         entropy_floor: float = Field(0.3, ge=0, le=1, description="floor of the normalised entropies H_m")
         unimodal_logits: Literal["zeroed", "restricted"] = Field(
             "zeroed",
             description="fuse(f^{m}) with the others zeroed (ARL), or d_m = fuse(f^{m}) − (M−1)/M · fuse(f^∅) (BASELINES §1.1)",
         )
+        schedule: Literal["paper", "official"] = Field(
+            "paper",
+            description="paper: γ throughout, scaling from modulation_starts; official (the authors' code): "
+            "γ = 1 before modulation_starts, scaling from the epoch after it",
+        )
+
+    defaults = {"train.grad_clip": 40.0}
 
     def __init__(self, config, modalities, num_classes):
         super().__init__(config, modalities, num_classes)
-        if len(self.modalities) < 2:
-            raise ConfigError(f"arl needs at least two modalities (got {len(self.modalities)})")
-
-    def unimodal_from_fusion(self, model, features: dict[str, Tensor]) -> Tensor:
-        """[M, B, C] logits of the fusion head reading one modality at a time."""
-        logits = torch.stack([self.fuse(model, zero_out(features, [m])) for m in self.modalities])
-        if self.config.unimodal_logits == "restricted":
-            count = len(self.modalities)
-            logits = logits - (count - 1) / count * self.fuse(model, zero_out(features, []))
-        return logits
+        window_bounds(config)
 
     def accelerating(self, epoch: int) -> bool:
-        return epoch >= self.config.start_epoch
+        shift = 1 if self.config.schedule == "official" else 0
+        return in_window(self.config, epoch - shift)
 
-    def training_step(self, model, batch, ctx):
-        labels = batch.labels
-        features = self.encode(model, batch.inputs)
-        logits = self.fuse(model, features)
-        unimodal = self.unimodal_from_fusion(model, features)
-        entropy, dependence = ctx.dist.mean(prediction_statistics(unimodal.detach()))
+    def unimodal_weight(self, epoch: int) -> float:
+        warming_up = epoch < self.config.modulation_starts
+        return 1.0 if self.config.schedule == "official" and warming_up else self.config.unimodal_weight
+
+    def on_forward(self, record, ctx):
+        unimodal = record.zeroed_logits() if self.config.unimodal_logits == "zeroed" else record.restricted_logits()
+        entropy, dependence = ctx.dist.mean(prediction_statistics(unimodal.detach().float()))
         stats = balance_weights(entropy, dependence, self.config.temperature, self.config.entropy_floor)
-        if self.accelerating(ctx.epoch):
+        accelerating = self.accelerating(ctx.epoch)
+        if accelerating:
             for m, factor in zip(self.modalities, 1 + stats["weight"]):
-                scale_gradient_(features[m], factor)
-
-        fused_loss = F.cross_entropy(logits, labels)
-        count = len(self.modalities)
-        # Σ_m CE_m: every modality's batch has the same size, so one mean over all rows times M
-        unimodal_loss = count * F.cross_entropy(unimodal.flatten(0, 1), labels.repeat(count))
-        logs = {"loss/fused": fused_loss.detach(), "loss/unimodal": unimodal_loss.detach()}
-        logs["arl/accelerating"] = float(self.accelerating(ctx.epoch))
+                scale_gradient_(record.encoder_outputs[m], factor)
+        weight = self.unimodal_weight(ctx.epoch)
+        if weight > 0:
+            count = len(self.modalities)
+            # Σ_m CE_m: every modality's batch has the same size, so one mean over all rows times M
+            loss = count * F.cross_entropy(unimodal.flatten(0, 1), record.labels.repeat(count))
+            record.add_loss("arl_unimodal", weight * loss)
+        record.logs["arl/accelerating"] = float(accelerating)
         for name, values in stats.items():
-            logs.update({f"arl/{name}/{m}": value for m, value in zip(self.modalities, values)})
-        # ARL trains no unimodal heads; fit them as detached probes so the diagnostics can read them
-        probe_loss = self.probe_loss(model, features, labels)
-        return StepResult(fused_loss + self.config.unimodal_weight * unimodal_loss + probe_loss, logits, logs)
+            record.logs.update({f"arl/{name}/{m}": value for m, value in zip(self.modalities, values)})

@@ -1,82 +1,136 @@
-"""The Method: a training recipe expressed as hooks around one shared loop.
+"""Parts of a training method: one objective and any number of plugins.
 
-The trainer calls these hooks and never asks which method it runs. A new
-method is one file: a subclass registered in ``METHODS`` with a ``Config``
-section, overriding the hooks it needs. A method is an ``nn.Module`` so that
-modules it adds in ``setup`` (bottlenecks, projections) are trained by the
-run's optimizer and saved in checkpoints; Python-side running statistics go
-through ``get_extra_state``/``set_extra_state``.
+A run's method is a composition such as ``midas+arl``: the *objective*
+(``midas``) defines the loss and how the model is read and predicts; each
+*plugin* (``arl``) adds what works with any objective: gradient modulation,
+epoch-level schedules, sample weights, running statistics, auxiliary loss
+terms. Every part is an ``nn.Module`` with its own config section, so
+modules it adds in ``setup`` are trained and checkpointed like the model.
 
-Order of calls in one optimisation step::
+Order of calls in one optimisation step (``Method`` runs them for every
+part, the objective first, then the plugins in the order of the spec)::
 
-    result = method.training_step(model, batch, ctx)   # loss and logits
-    result.loss.backward()                             # unless manual_optimization
+    part.before_step(batch, ctx)              # e.g. set batch.weight
+    record = objective.training_step(model, batch, ctx)
+    part.on_forward(record, ctx)              # read the record, add loss terms, hook gradients
+    record.loss.backward()                    # the sum of the named terms
     (gradients averaged across processes)
-    method.after_backward(model, ctx)                  # gradient modulation
-    optimizer.step(); method.after_step(model, ctx)    # running statistics
+    part.after_backward(record, ctx)          # modulate .grad
+    (clipping) optimizer.step()
+    part.after_step(record, ctx)              # running statistics
+
+An objective with ``manual_optimization = True`` does its own backward and
+steps through ``ctx.manual_step``, which keeps averaging, the plugins'
+``after_backward`` and clipping.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Optional
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Section
 from ..data.batch import Batch
-from ..models.multimodal import MultimodalModel, zero_out
+from ..errors import ConfigError
+from ..models.multimodal import MultimodalModel
+from .record import StepRecord
 
 
-@dataclass
-class StepResult:
-    """What a training step returns: the loss to minimise and what to log.
-
-    ``logits`` are the fused predictions on the aligned batch, used for the
-    training accuracy; ``logs`` are scalars averaged over the epoch.
-    """
-
-    loss: Tensor
-    logits: Tensor | None = None
-    logs: dict[str, float] = field(default_factory=dict)
-
-
-class Method(nn.Module):
-    """Base class: plain fused cross-entropy unless a subclass says otherwise."""
+class Part(nn.Module):
+    """What objectives and plugins share: a config, hooks and declared capabilities."""
 
     class Config(Section):
         pass
 
-    manual_optimization: bool = False
+    kind: ClassVar[str] = "part"
+    #: recommended settings, as dotted keys, applied below the user's own (visible in config.yaml)
+    defaults: ClassVar[dict[str, Any]] = {}
+    min_modalities: ClassVar[int] = 2
+    max_modalities: ClassVar[Optional[int]] = None
+    #: roles at most one part of a run may play (e.g. two parts accelerating by the same contribution)
+    exclusive: ClassVar[tuple[str, ...]] = ()
+    #: the part calls backward and steps the optimizer itself (through ``ctx.manual_step``)
+    manual_optimization: ClassVar[bool] = False
 
     def __init__(self, config: Section, modalities: list[str], num_classes: int):
         super().__init__()
         self.config = config
         self.modalities = list(modalities)
         self.num_classes = num_classes
+        count = len(self.modalities)
+        if count < self.min_modalities or (self.max_modalities is not None and count > self.max_modalities):
+            allowed = f"{self.min_modalities}" if self.max_modalities == self.min_modalities else (
+                f"at least {self.min_modalities}" if self.max_modalities is None
+                else f"{self.min_modalities} to {self.max_modalities}"
+            )
+            raise ConfigError(f"{self.name} needs {allowed} modalities (the dataset has {count}: {', '.join(self.modalities)})")
 
-    # -- hooks -------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return getattr(type(self), "registry_name", type(self).__name__.lower())
+
+    # -- capabilities, for the composition rules ------------------------------
+    @classmethod
+    def overrides_prediction(cls) -> bool:
+        return cls.predict_from_features is not Part.predict_from_features and cls.predict_from_features is not Objective.predict_from_features
+
+    @classmethod
+    def drives_optimizer(cls) -> bool:
+        return cls.manual_optimization or cls.configure_optimizers is not Part.configure_optimizers
+
+    # -- hooks -------------------------------------------------------------------
     def setup(self, model: MultimodalModel, ctx: Any) -> None:
-        """Add modules or snapshot weights before the optimizer is built."""
+        """Add modules or snapshot weights; runs before the optimizers are built."""
+
+    def configure_optimizers(self, model: MultimodalModel, ctx: Any) -> Optional[dict[str, Any]]:
+        """``{"optimizers": {name: opt}, "schedulers": {name: sched}}`` to replace the run's one optimizer.
+
+        ``ctx.make_optimizer(params)`` builds one with the run's settings and
+        ``ctx.params`` holds the parameter groups. Every optimizer and
+        scheduler returned is checkpointed. At most one part of a run may
+        configure optimizers.
+        """
+        return None
 
     def on_epoch_start(self, model: MultimodalModel, ctx: Any) -> None:
         pass
 
-    def training_step(self, model: MultimodalModel, batch: Batch, ctx: Any) -> StepResult:
-        raise NotImplementedError
+    def before_step(self, batch: Batch, ctx: Any) -> None:
+        """Before the forward pass: e.g. set ``batch.weight`` (per-sample loss weights)."""
 
-    def after_backward(self, model: MultimodalModel, ctx: Any) -> None:
-        """Gradients exist (and are averaged across processes); modulate them here."""
+    def on_forward(self, record: StepRecord, ctx: Any) -> None:
+        """After the objective's forward: read the record, add loss terms, attach gradient hooks."""
 
-    def after_step(self, model: MultimodalModel, ctx: Any) -> None:
+    def after_backward(self, record: StepRecord, ctx: Any) -> None:
+        """Gradients exist and are averaged across processes; modulate them here."""
+
+    def after_step(self, record: StepRecord, ctx: Any) -> None:
         """The optimizer has stepped; update running statistics here."""
 
     def on_epoch_end(self, model: MultimodalModel, ctx: Any) -> dict[str, float]:
-        """Per-epoch quantities to log (e.g. a method's weights)."""
+        """Per-epoch quantities to log."""
         return {}
 
-    # -- how this method's model is read ------------------------------------
+    def metrics(self) -> list:
+        """Evaluation metrics this part adds (``evaluation.metrics.Metric`` objects)."""
+        return []
+
+    def predict_from_features(self, model: MultimodalModel, features: dict[str, Tensor]) -> Tensor:
+        """Override to change the run's prediction (at most one part of a run may)."""
+        raise NotImplementedError
+
+
+class Objective(Part):
+    """The part that defines the loss and how the model is read; every run has exactly one."""
+
+    kind = "objective"
+
+    def training_step(self, model: MultimodalModel, batch: Batch, ctx: Any) -> StepRecord:
+        raise NotImplementedError
+
+    # -- how this objective reads the model --------------------------------------
     def encode(self, model: MultimodalModel, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         return model.encode(inputs)
 
@@ -87,27 +141,42 @@ class Method(nn.Module):
         return model.heads(features)
 
     def predict_from_features(self, model: MultimodalModel, features: dict[str, Tensor]) -> Tensor:
-        """The method's prediction; evaluation and checkpoint selection use it."""
+        """The prediction that evaluation and checkpoint selection use (default: the fused head)."""
         return self.fuse(model, features)
 
-    def predict(self, model: MultimodalModel, inputs: dict[str, Tensor]) -> Tensor:
-        return self.predict_from_features(model, self.encode(model, inputs))
+    def record(self, model: MultimodalModel, batch: Batch, features: dict[str, Tensor], **fields: Any) -> StepRecord:
+        """A record bound to this objective's fusion head."""
+        return StepRecord(batch=batch, fuse=lambda f: self.fuse(model, f), modalities=self.modalities,
+                          features=features, **fields)
 
-    # -- shared pieces ------------------------------------------------------
+    # -- shared pieces -------------------------------------------------------------
     @staticmethod
-    def probe_loss(model: MultimodalModel, features: dict[str, Tensor], labels: Tensor) -> Tensor:
+    def probe_loss(model: MultimodalModel, features: dict[str, Tensor], labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Unimodal heads trained on detached features: a linear probe of each encoder.
 
         It reports how much each encoder has learned without changing the
-        encoders, for methods that do not train the heads themselves.
+        encoders, for objectives that do not train the heads themselves.
+        Returns the summed loss and the probe logits.
         """
         logits = model.heads({m: f.detach() for m, f in features.items()})
-        return sum(F.cross_entropy(z, labels) for z in logits.values())
-
-    @staticmethod
-    def zeroed(features: dict[str, Tensor], keep) -> dict[str, Tensor]:
-        return zero_out(features, keep)
+        return sum(F.cross_entropy(z, labels) for z in logits.values()), logits
 
 
-def accuracy_of(logits: Tensor, labels: Tensor) -> float:
-    return float((logits.argmax(dim=-1) == labels).float().mean())
+class Plugin(Part):
+    """A part that works with any objective: it never defines the main loss."""
+
+    kind = "plugin"
+
+
+def cross_entropy(logits: Tensor, batch: Batch) -> Tensor:
+    """Mean cross-entropy over the batch, each sample weighted by ``batch.weight`` when a plugin set one."""
+    if batch.weight is None:
+        return F.cross_entropy(logits, batch.labels)
+    per_sample = F.cross_entropy(logits, batch.labels, reduction="none")
+    return (per_sample * batch.weight).mean()
+
+
+def accuracy_of(logits: Tensor, labels: Tensor) -> Tensor:
+    return (logits.detach().argmax(dim=-1) == labels).float().mean()
+
+

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from pydantic import Field
 
 from ..config import Section
 from ..registry import METHODS
-from .base import Method, StepResult
+from .base import Objective, cross_entropy
 
 
 @METHODS.register("joint")
-class Joint(Method):
-    """Fused cross-entropy (optionally plus the unimodal heads' losses)."""
+class Joint(Objective):
+    """Fused cross-entropy (optionally plus the unimodal heads' losses); the default objective."""
 
     class Config(Section):
         unimodal_weight: float = Field(
@@ -24,13 +23,13 @@ class Joint(Method):
     def training_step(self, model, batch, ctx):
         features = self.encode(model, batch.inputs)
         logits = self.fuse(model, features)
-        fused_loss = F.cross_entropy(logits, batch.labels)
+        record = self.record(model, batch, features, logits=logits)
+        record.add_loss("fused", cross_entropy(logits, batch))
         weight = self.config.unimodal_weight
         if weight > 0:
-            heads = self.heads(model, features)
-            unimodal_loss = sum(F.cross_entropy(z, batch.labels) for z in heads.values())
-            loss = fused_loss + weight * unimodal_loss
+            record.unimodal = self.heads(model, features)
+            record.add_loss("unimodal", weight * sum(cross_entropy(z, batch) for z in record.unimodal.values()))
         else:
-            unimodal_loss = self.probe_loss(model, features, batch.labels)
-            loss = fused_loss + unimodal_loss
-        return StepResult(loss, logits, {"loss/fused": fused_loss.detach(), "loss/unimodal": unimodal_loss.detach()})
+            probe, record.unimodal = self.probe_loss(model, features, batch.labels)
+            record.add_loss("probe", probe)
+        return record

@@ -1,9 +1,11 @@
 """MIDAS: the fused model also learns from misaligned samples with confidence-based soft labels.
 
 The loss itself lives in ``mmbalance.misalignment`` (usable without this
-trainer); this file adds what a run needs around it: the warm-up of the
-unimodal heads, the aligned losses, α's update after each optimizer step
-(pooled across processes) and the logs.
+trainer); this objective adds what a run needs around it: the warm-up of
+the unimodal heads (the epochs before ``modulation_starts``), the aligned
+losses, α's update after each optimizer step (pooled across processes) and
+the logs. After ``modulation_ends`` (if set) training continues on the
+aligned losses alone.
 """
 
 from __future__ import annotations
@@ -12,29 +14,30 @@ from functools import partial
 from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
-from ..config import Section
+from ..evaluation.metrics import Metric
 from ..misalignment import MisalignmentLoss, misaligned_inputs
 from ..registry import METHODS
-from .base import Method, StepResult
+from .base import Objective, cross_entropy
+from .window import WindowConfig, in_window, window_bounds
+
+STATS = "midas/stats"
 
 
 @METHODS.register("midas")
-class MIDAS(Method):
+class MIDAS(Objective):
     """Misaligned-sample augmentation with confidence soft labels (Hwang et al., NeurIPS 2025)."""
 
-    class Config(Section):
+    class Config(WindowConfig):
         level: Literal["feature", "input"] = Field(
             "feature",
             description="build misaligned samples from the batch's features (cheap) or from its inputs, encoded again",
         )
-        warmup: bool = Field(
-            True, description="train only the encoders and unimodal heads first, so that confidences mean something"
-        )
-        warmup_epochs: Optional[int] = Field(
-            None, ge=0, description="length of the warm-up in epochs; unset: train.epochs / 7, rounded"
+        modulation_starts: Optional[int] = Field(
+            None, ge=0,
+            description="first epoch with the fused and misaligned losses; before it only encoders and unimodal "
+            "heads train (warm-up); unset: train.epochs / 7, rounded; 0: no warm-up",
         )
         weak_weighting: bool = Field(
             True, description="scale the least confident modality's soft-label term by α, adapted after every step"
@@ -50,12 +53,14 @@ class MIDAS(Method):
         )
         variant: Literal["paper", "official"] = Field(
             "paper",
-            description="the paper's rules, or the authors' code's (unchecked pairs, ±η ratio rule, capped α, halved loss)",
+            description="the paper's rules, or the authors' code's (unchecked pairs, ±η ratio rule, capped α, "
+            "unimodal loss averaged over modalities)",
         )
         alpha_max: float = Field(10.0, ge=1, description="upper bound of α in the official variant")
 
     def __init__(self, config, modalities, num_classes):
         super().__init__(config, modalities, num_classes)
+        window_bounds(config)
         self.misalignment = MisalignmentLoss(
             self.modalities,
             weak_weighting=config.weak_weighting,
@@ -66,35 +71,41 @@ class MIDAS(Method):
             variant=config.variant,
             alpha_max=config.alpha_max,
         )
-        self._step_stats: dict | None = None  # from training_step to after_step of the same step only
 
     def warmup_epochs(self, max_epochs: int) -> int:
-        if not self.config.warmup:
-            return 0
-        if self.config.warmup_epochs is not None:
-            return self.config.warmup_epochs
-        return round(max_epochs / 7)
+        """The epochs before the misaligned training starts (the paper's E_w)."""
+        starts = self.config.modulation_starts
+        return round(max_epochs / 7) if starts is None else starts
 
     def in_warmup(self, ctx) -> bool:
         return ctx.epoch < self.warmup_epochs(ctx.max_epochs)
+
+    def misaligning(self, ctx) -> bool:
+        return in_window(self.config, ctx.epoch, default_starts=self.warmup_epochs(ctx.max_epochs))
 
     def on_epoch_start(self, model, ctx):
         if ctx.epoch == self.warmup_epochs(ctx.max_epochs):
             self.misalignment.reset_alpha()
 
     def training_step(self, model, batch, ctx):
-        labels = batch.labels
         features = self.encode(model, batch.inputs)
         heads = self.heads(model, features)
-        unimodal_loss = sum(F.cross_entropy(heads[m], labels) for m in self.modalities)
-        self._step_stats = None
+        unimodal_losses = [cross_entropy(heads[m], batch) for m in self.modalities]
+        # the paper sums the unimodal losses; the authors' code averages them over modalities
+        unimodal_loss = sum(unimodal_losses) / (len(self.modalities) if self.config.variant == "official" else 1)
         if self.in_warmup(ctx):
             with torch.no_grad():  # for the training accuracy only: the fusion head gets no task loss yet
                 logits = self.fuse(model, features)
-            return StepResult(unimodal_loss, logits, {"loss/unimodal": unimodal_loss.detach()})
+            record = self.record(model, batch, features, logits=logits, unimodal=heads)
+            record.add_loss("unimodal", unimodal_loss)
+            return record
 
         logits = self.fuse(model, features)
-        fused_loss = F.cross_entropy(logits, labels)
+        record = self.record(model, batch, features, logits=logits, unimodal=heads)
+        record.add_loss("fused", cross_entropy(logits, batch))
+        record.add_loss("unimodal", unimodal_loss)
+        if not self.misaligning(ctx):
+            return record
         encode_misaligned = None
         if self.config.level == "input":
 
@@ -102,27 +113,37 @@ class MIDAS(Method):
                 return self.encode(model, misaligned_inputs(batch.inputs, sources, self.modalities))
 
         misaligned_loss, stats = self.misalignment(
-            features, heads, labels, partial(self.fuse, model), ctx.generator, misaligned=encode_misaligned
+            features, heads, batch.labels, partial(self.fuse, model), ctx.generator, misaligned=encode_misaligned
         )
-        self._step_stats = stats
-        logs = {
-            "loss/fused": fused_loss.detach(),
-            "loss/unimodal": unimodal_loss.detach(),
-            "midas/misaligned_loss": misaligned_loss.detach(),
-            "midas/misaligned_samples": stats["count"],
-        }
+        record.add_loss("misaligned", self.config.lam * misaligned_loss)
+        record.shared[STATS] = stats
+        record.logs["midas/misaligned_samples"] = stats["count"]
         for slot, m in enumerate(self.modalities):
-            logs[f"midas/confidence/{m}"] = stats["confidence"][slot]
-            logs[f"midas/fused_confidence/{m}"] = stats["fused_confidence"][slot]
-        return StepResult(fused_loss + unimodal_loss + self.config.lam * misaligned_loss, logits, logs)
+            record.logs[f"midas/confidence/{m}"] = stats["confidence"][slot]
+            record.logs[f"midas/fused_confidence/{m}"] = stats["fused_confidence"][slot]
+        return record
 
-    def after_step(self, model, ctx):
+    def after_step(self, record, ctx):
         # The paper moves α after each step; every process pools its statistics first so all move alike.
-        if self._step_stats is not None:
-            self.misalignment.update_alpha(self._step_stats, reduce=ctx.dist.mean)
-            self._step_stats = None
+        if STATS in record.shared:
+            self.misalignment.update_alpha(record.shared[STATS], reduce=ctx.dist.mean)
 
     def on_epoch_end(self, model, ctx):
         logs = {f"midas/alpha/{m}": float(a) for m, a in zip(self.modalities, self.misalignment.alpha)}
         logs["midas/warmup"] = 1.0 if self.in_warmup(ctx) else 0.0
         return logs
+
+    def metrics(self):
+        return [AlphaMetric(self)]
+
+
+class AlphaMetric(Metric):
+    """MIDAS's weak-modality weights α at evaluation time, per modality (``midas/alpha`` in metrics.json)."""
+
+    name = "midas/alpha"
+
+    def __init__(self, midas: MIDAS):
+        self.midas = midas
+
+    def compute(self):
+        return {"midas/alpha": {m: float(a) for m, a in zip(self.midas.modalities, self.midas.misalignment.alpha)}}

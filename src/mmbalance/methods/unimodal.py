@@ -8,12 +8,13 @@ from pydantic import Field
 
 from ..config import Section
 from ..errors import ConfigError
+from ..models.multimodal import zero_out
 from ..registry import METHODS
-from .base import Method, StepResult
+from .base import Objective, cross_entropy
 
 
 @METHODS.register("unimodal")
-class Unimodal(Method):
+class Unimodal(Objective):
     """Every encoder trained on its own head, with no gradient between modalities.
 
     With ``unimodal.modality=all`` (default) one run trains every modality
@@ -39,14 +40,12 @@ class Unimodal(Method):
         features = self.encode(model, {m: batch.inputs[m] for m in self.selected})
         full = {m: features.get(m, torch.zeros(len(batch), model.feature_dims[m], device=batch.labels.device)) for m in self.modalities}
         heads = self.heads(model, features)
-        losses = {m: F.cross_entropy(heads[m], batch.labels) for m in self.selected}
+        record = self.record(model, batch, full, unimodal=heads, logits=self._combine(heads))
+        for m in self.selected:
+            record.add_loss(m, cross_entropy(heads[m], batch))
         detached = {m: f.detach() for m, f in full.items()}
-        fusion_loss = sum(
-            F.cross_entropy(self.fuse(model, self.zeroed(detached, [m])), batch.labels) for m in self.selected
-        )
-        logits = self._combine(heads)
-        logs = {f"loss/{m}": v.detach() for m, v in losses.items()}
-        return StepResult(sum(losses.values()) + fusion_loss, logits, logs)
+        record.add_loss("fusion_probe", sum(F.cross_entropy(self.fuse(model, zero_out(detached, [m])), batch.labels) for m in self.selected))
+        return record
 
     def _combine(self, heads):
         return sum(F.log_softmax(heads[m], dim=-1) for m in self.selected)

@@ -7,11 +7,23 @@ from typing import Any, Callable
 
 import torch
 
+from ..models.parameters import ParameterGroups
 from .distributed import DistributedState
 
 
 @dataclass
 class TrainContext:
+    """The run as the parts see it.
+
+    ``heldout_loader`` iterates data methods may estimate on (the validation
+    split, or with ``data.heldout=carve`` a stratified part of the training
+    data removed from training); ``train_eval_loader`` the training split in
+    a fixed order. ``evaluate(loader)`` returns the run's metrics on any
+    loader and leaves train mode as it was. ``manual_step(loss, ...)`` is the
+    manual-optimisation path: backward, cross-process averaging, the
+    plugins' ``after_backward``, clipping, the optimizer step.
+    """
+
     epoch: int
     max_epochs: int
     steps_per_epoch: int
@@ -23,8 +35,11 @@ class TrainContext:
     global_step: int = 0
     step_in_epoch: int = 0
     optimizer: torch.optim.Optimizer | None = None
+    optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
     make_optimizer: Callable[[Any], torch.optim.Optimizer] | None = None
     train_loader: Any = None
     heldout_loader: Any = None
     train_eval_loader: Any = None
-    params: dict = field(default_factory=dict)
+    params: ParameterGroups | None = None
+    evaluate: Callable[[Any], dict] | None = None
+    manual_step: Callable[..., None] | None = None

@@ -64,10 +64,11 @@ class DistributedState:
     def average_gradients(self, parameters: list[nn.Parameter]) -> None:
         if not self.enabled:
             return
-        params = [p for p in parameters if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        # a parameter without a gradient stays without one (so the optimizer skips it, as
+        # set_to_none intends); every process runs the same code, so the set is the same on all
+        params = [p for p in parameters if p.requires_grad and p.grad is not None]
+        if not params:
+            return
         flat = torch.cat([p.grad.reshape(-1) for p in params])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat /= self.world_size
@@ -95,11 +96,13 @@ class ShardedShuffleSampler(torch.utils.data.Sampler):
 
     The order depends only on (seed, epoch), so a resumed run sees the same
     batches as an uninterrupted one; with several processes each rank takes
-    every world_size-th index of the (padded) permutation.
+    every world_size-th index of the permutation, padded for training so that
+    all ranks step alike, unpadded for evaluation so that no sample counts twice.
     """
 
-    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True, pad: bool = True):
         self.size = size
+        self.pad = pad
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
@@ -116,8 +119,9 @@ class ShardedShuffleSampler(torch.utils.data.Sampler):
         else:
             order = list(range(self.size))
         if self.world_size > 1:
-            per_rank = -(-self.size // self.world_size)
-            order = order + order[: per_rank * self.world_size - self.size]
+            if self.pad:  # equal shards, so every process takes the same number of training steps
+                per_rank = -(-self.size // self.world_size)
+                order = order + order[: per_rank * self.world_size - self.size]
             order = order[self.rank :: self.world_size]
         return order
 
@@ -125,4 +129,8 @@ class ShardedShuffleSampler(torch.utils.data.Sampler):
         return iter(self.indices())
 
     def __len__(self) -> int:
-        return -(-self.size // self.world_size) if self.world_size > 1 else self.size
+        if self.world_size == 1:
+            return self.size
+        if self.pad:
+            return -(-self.size // self.world_size)
+        return len(range(self.rank, self.size, self.world_size))

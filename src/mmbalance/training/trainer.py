@@ -1,9 +1,9 @@
 """One training loop for every method.
 
 The trainer owns data loading, optimisation, checkpoints, evaluation and
-logging; the method (see ``methods/base.py``) owns the loss and any gradient
-or state manipulation, through hooks. Nothing here depends on which method
-runs.
+logging; the method (an objective and its plugins, see ``methods/base.py``)
+owns the loss and any gradient or state manipulation, through hooks.
+Nothing here depends on which method runs.
 
 Run folder::
 
@@ -26,25 +26,22 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import RunConfig
-from ..data.base import DataBundle
+from ..data.base import DataBundle, carve
 from ..data.batch import collate_batch
-from ..data.loading import load_dataset
+from ..data.loading import load_dataset, split_seed
 from ..errors import ConfigError, MMBalanceError, NonFiniteLossError
-from ..evaluation.metrics import Outputs, collect_outputs, compute_metrics
+from ..evaluation.evaluate import evaluate
+from ..files import atomic_write_json, atomic_write_text
+from ..methods.compose import Method
+from ..methods.record import StepRecord
 from ..models.multimodal import MultimodalModel, build_model
-from ..registry import METHODS
-from .checkpoint import (
-    atomic_save,
-    atomic_write_json,
-    atomic_write_text,
-    load_checkpoint,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-)
+from ..models.parameters import ParameterGroups
+from .checkpoint import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
 from .context import TrainContext
 from .distributed import DistributedState, ShardedShuffleSampler
 from .progress import Progress
+
+HELDOUT_SEED_OFFSET = 7919  # the carve's seed differs from the split's, yet is the same for every method
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -72,8 +69,15 @@ def check_writable(out_dir: Path) -> None:
         raise MMBalanceError(f"cannot write to output folder {out_dir}: {exc.strerror or exc}") from None
 
 
-def build_method(config: RunConfig, bundle: DataBundle):
-    return METHODS.get(config.method)(config.method_config, bundle.modalities, bundle.num_classes)
+def build_method(config: RunConfig, bundle: DataBundle) -> Method:
+    return Method.build(config, bundle.modalities, bundle.num_classes)
+
+
+def heldout_split(bundle: DataBundle, config: RunConfig):
+    """(training data, held-out data): the validation split, or a stratified carve of the training split."""
+    if config.data.heldout == "val":
+        return bundle.train, bundle.val
+    return carve(bundle.train, config.data.heldout_fraction, split_seed(config) + HELDOUT_SEED_OFFSET)
 
 
 class Trainer:
@@ -89,6 +93,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
         seed_everything(config.seed)
         self.bundle = bundle if bundle is not None else load_dataset(config)
+        self.train_data, self.heldout_data = heldout_split(self.bundle, config)
         self.model: MultimodalModel = build_model(
             config.model, self.bundle.modalities, self.bundle.input_shapes, self.bundle.num_classes
         )
@@ -104,22 +109,24 @@ class Trainer:
             num_classes=self.bundle.num_classes,
             generator=torch.Generator().manual_seed(config.seed),
             dist=self.dist,
+            make_optimizer=self.make_optimizer,
             train_loader=self.train_loader,
-            heldout_loader=self.val_loader,
+            heldout_loader=self.heldout_loader,
             train_eval_loader=self.train_eval_loader,
-            params=self.model.parameter_groups(),
+            params=ParameterGroups.of(self.model),
+            evaluate=self.evaluate_loader,
+            manual_step=self.manual_step,
         )
         self.method.setup(self.model, self.ctx)
         self.model.to(self.device)
         self.method.to(self.device)
         self.dist.broadcast_module(self.model)
         self.dist.broadcast_module(self.method)
-        self.parameters = [p for p in list(self.model.parameters()) + list(self.method.parameters()) if p.requires_grad]
-        self.optimizer = self.make_optimizer(self.parameters)
-        self.scheduler = self._make_scheduler()
-        self.ctx.optimizer = self.optimizer
-        self.ctx.make_optimizer = self.make_optimizer
-        self.ctx.params["method"] = list(self.method.parameters())
+        self.ctx.params = ParameterGroups.of(self.model, dict(self.method.parts))  # now with what setup added
+        self.parameters = self.ctx.params.trainable()
+        self.optimizers, self.schedulers = self._configure_optimizers()
+        self.ctx.optimizers = self.optimizers
+        self.ctx.optimizer = next(iter(self.optimizers.values()))
         self.state: dict[str, Any] = {
             "epoch": 0,
             "global_step": 0,
@@ -132,18 +139,33 @@ class Trainer:
 
     # -- construction --------------------------------------------------------
     def make_optimizer(self, params) -> torch.optim.Optimizer:
+        """An optimizer with the run's settings (``train.optimizer``, lr, momentum, weight decay)."""
         t = self.config.train
         if t.optimizer == "sgd":
             return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
-    def _make_scheduler(self):
+    def _make_scheduler(self, optimizer):
         t = self.config.train
         if t.scheduler == "step":
-            return torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=t.step_size, gamma=t.gamma)
+            return torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.step_size, gamma=t.gamma)
         if t.scheduler == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=t.epochs)
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
         return None
+
+    def _configure_optimizers(self):
+        configured = self.method.configure_optimizers(self.model, self.ctx)
+        if configured is None:
+            optimizers = {"main": self.make_optimizer(self.parameters)}
+            schedulers = None
+        else:
+            optimizers = dict(configured.get("optimizers") or {})
+            schedulers = configured.get("schedulers")
+            if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers.values()):
+                raise TypeError("configure_optimizers must return {'optimizers': {name: torch.optim.Optimizer, ...}}")
+        if schedulers is None:
+            schedulers = {name: self._make_scheduler(opt) for name, opt in optimizers.items()}
+        return optimizers, {name: s for name, s in schedulers.items() if s is not None}
 
     def _loader(self, dataset, batch_size, sampler) -> DataLoader:
         workers = self.config.train.num_workers
@@ -160,24 +182,25 @@ class Trainer:
     def _build_loaders(self) -> None:
         t = self.config.train
         d = self.dist
-        train = self.bundle.train
-        self.train_sampler = ShardedShuffleSampler(len(train), self.config.seed, d.rank, d.world_size)
-        self.train_loader = self._loader(train, t.batch_size, self.train_sampler)
+        self.train_sampler = ShardedShuffleSampler(len(self.train_data), self.config.seed, d.rank, d.world_size)
+        self.train_loader = self._loader(self.train_data, t.batch_size, self.train_sampler)
 
-        def sharded(dataset):
-            return ShardedShuffleSampler(len(dataset), 0, d.rank, d.world_size, shuffle=False)
+        def fixed(dataset):
+            return self._loader(dataset, t.eval_batch_size, ShardedShuffleSampler(len(dataset), 0, d.rank, d.world_size, shuffle=False, pad=False))
 
-        self.train_eval_loader = self._loader(train, t.eval_batch_size, sharded(train))
-        self.val_loader = self._loader(self.bundle.val, t.eval_batch_size, sharded(self.bundle.val))
-        self.test_loader = self._loader(self.bundle.test, t.eval_batch_size, sharded(self.bundle.test))
+        self.train_eval_loader = fixed(self.train_data)
+        self.heldout_loader = fixed(self.heldout_data)
+        self.val_loader = fixed(self.bundle.val)
+        self.test_loader = fixed(self.bundle.test)
 
     # -- evaluation ----------------------------------------------------------
+    def evaluate_loader(self, loader) -> dict:
+        """The run's metrics on ``loader`` (sharded across processes); train mode is left as found."""
+        return evaluate(self.method, self.model, loader, self.device, self.bundle.modalities, self.bundle.num_classes, dist=self.dist)
+
     def evaluate(self, split: str) -> dict:
-        loader = {"train": self.train_eval_loader, "val": self.val_loader, "test": self.test_loader}[split]
-        outputs = collect_outputs(self.method, self.model, loader, self.device, self.bundle.modalities)
-        if self.dist.enabled:
-            outputs = Outputs.concat(self.dist.gather_objects(outputs.to_cpu_dict()))
-        return compute_metrics(outputs, self.bundle.modalities, self.bundle.num_classes)
+        loaders = {"train": self.train_eval_loader, "val": self.val_loader, "test": self.test_loader}
+        return self.evaluate_loader(loaders[split])
 
     # -- checkpoints ---------------------------------------------------------
     def _write(self, name: str, obj) -> None:
@@ -190,8 +213,8 @@ class Trainer:
     def _last_checkpoint(self) -> dict:
         return {
             **self._weights(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "schedulers": {name: s.state_dict() for name, s in self.schedulers.items()},
             "state": dict(self.state),
             "rng": rng_state(),
             "generator": self.ctx.generator.get_state(),
@@ -201,9 +224,10 @@ class Trainer:
     def _restore(self, checkpoint: dict) -> None:
         self.model.load_state_dict(checkpoint["model"])
         self.method.load_state_dict(checkpoint["method"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        if self.scheduler is not None and checkpoint.get("scheduler") is not None:
-            self.scheduler.load_state_dict(checkpoint["scheduler"])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(checkpoint["optimizers"][name])
+        for name, scheduler in self.schedulers.items():
+            scheduler.load_state_dict(checkpoint["schedulers"][name])
         self.state.update(checkpoint["state"])
         set_rng_state(checkpoint["rng"])
         self.ctx.generator.set_state(checkpoint["generator"])
@@ -214,6 +238,26 @@ class Trainer:
         self.method.load_state_dict(checkpoint["method"])
         return checkpoint
 
+    # -- one optimisation step -------------------------------------------------
+    def _finish_gradients(self, record: StepRecord | None) -> None:
+        """Average across processes, let every part modulate, clip."""
+        self.dist.average_gradients(self.parameters)
+        self.method.after_backward(record, self.ctx)
+        if self.config.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.parameters if p.grad is not None], self.config.train.grad_clip)
+
+    def manual_step(self, loss: torch.Tensor, record: StepRecord | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """For manual optimisation: backward, averaging, plugins' after_backward, clipping, step, zero grads."""
+        optimizer = optimizer or self.ctx.optimizer
+        loss.backward()
+        self._finish_gradients(record)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def _zero_grad(self) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+
     # -- training ------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> dict:
         self.model.train()
@@ -222,58 +266,67 @@ class Trainer:
         ctx = self.ctx
         ctx.epoch = epoch
         self.method.on_epoch_start(self.model, ctx)
-        totals = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
-        log_sums: dict[str, float] = {}
+        manual = self.method.manual_optimization
+        device = self.device
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
+        first_bad = torch.full((2,), -1.0, dtype=torch.float64, device=device)  # step, loss value
+        log_sums: dict[str, torch.Tensor] = {}
+        log_counts: dict[str, int] = {}
         bar = self.progress.epoch_bar(self.train_loader, epoch, self.config.train.epochs)
         for step, batch in enumerate(bar):
             started = time.perf_counter()
             ctx.step_in_epoch = step
             ctx.global_step = self.state["global_step"]
-            batch = batch.to(self.device, non_blocking=True)
-            if not self.method.manual_optimization:
-                self.optimizer.zero_grad(set_to_none=True)
-            result = self.method.training_step(self.model, batch, ctx)
-            loss_value = float(result.loss.detach())
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(
-                    f"non-finite loss ({loss_value}) at epoch {epoch + 1}, step {step + 1}; "
-                    f"training stopped, the last good checkpoint (epoch {epoch}) is kept; try a lower train.lr"
-                )
-            if not self.method.manual_optimization:
-                result.loss.backward()
-                self.dist.average_gradients(self.parameters)
-                self.method.after_backward(self.model, ctx)
-                if self.config.train.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.parameters, self.config.train.grad_clip)
-                self.optimizer.step()
-            self.method.after_step(self.model, ctx)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            batch = batch.to(device, non_blocking=True)
+            if not manual:
+                self._zero_grad()
+            record = self.method.training_step(self.model, batch, ctx)
+            loss = record.loss
+            if not manual:
+                loss.backward()
+                self._finish_gradients(record)
+                for opt in self.optimizers.values():
+                    opt.step()
+            self.method.after_step(record, ctx)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             self.state["step_seconds"] += time.perf_counter() - started
             self.state["steps_timed"] += 1
             self.state["global_step"] += 1
+            # everything below stays on the device: one synchronisation per epoch, not per step
+            value = loss.detach().double()
+            bad = ~torch.isfinite(value) & (first_bad[0] < 0)
+            first_bad = torch.where(bad, torch.stack([torch.tensor(float(step), dtype=torch.float64, device=device), value]), first_bad)
             n = len(batch)
-            totals[0] += loss_value * n
+            totals[0] += value * n
             totals[2] += n
-            if result.logits is not None:
-                totals[1] += float((result.logits.detach().argmax(-1) == batch.labels).sum())
-            for key, value in result.logs.items():
-                value = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
-                log_sums[key] = log_sums.get(key, 0.0) + value
-            self.progress.set_postfix(bar, loss=totals[0].item() / totals[2].item(), acc=totals[1].item() / totals[2].item())
-        steps = max(len(self.train_loader), 1)
-        logs = {k: v / steps for k, v in log_sums.items()}
-        if self.dist.enabled and logs:
-            keys = sorted(logs)
-            logs = dict(zip(keys, self.dist.mean(torch.tensor([logs[k] for k in keys], dtype=torch.float64)).tolist()))
-        totals = self.dist.all_reduce_sum(totals)
+            if record.logits is not None:
+                totals[1] += (record.logits.detach().argmax(-1) == batch.labels).sum()
+            for key, logged in {**record.loss_logs(), **record.logs}.items():
+                logged = logged.detach().double() if isinstance(logged, torch.Tensor) else torch.tensor(float(logged), dtype=torch.float64, device=device)
+                log_sums[key] = log_sums[key] + logged if key in log_sums else logged.to(device)
+                log_counts[key] = log_counts.get(key, 0) + 1
+            if self.progress.show:
+                self.progress.set_postfix(bar, loss=totals[0].item() / totals[2].item(), acc=totals[1].item() / totals[2].item())
+        bad_step, bad_value = first_bad.tolist()
+        if bad_step >= 0:
+            raise NonFiniteLossError(
+                f"non-finite loss ({bad_value}) at epoch {epoch + 1}, step {int(bad_step) + 1}; "
+                f"training stopped, the last good checkpoint (epoch {epoch}) is kept; try a lower train.lr"
+            )
+        keys = sorted(log_sums)
+        logs: dict[str, float] = {}
+        if keys:
+            means = torch.stack([log_sums[k] / log_counts[k] for k in keys])
+            logs = dict(zip(keys, self.dist.mean(means).tolist()))
+        totals = self.dist.all_reduce_sum(totals).tolist()
         logs.update(self.method.on_epoch_end(self.model, ctx) or {})
-        if self.scheduler is not None:
-            self.scheduler.step()
+        for scheduler in self.schedulers.values():
+            scheduler.step()
         self.dist.broadcast_module(self.model)
         return {
-            "train_loss": totals[0].item() / max(totals[2].item(), 1),
-            "train_accuracy": totals[1].item() / max(totals[2].item(), 1),
+            "train_loss": totals[0] / max(totals[2], 1),
+            "train_accuracy": totals[1] / max(totals[2], 1),
             "method": logs,
         }
 
@@ -291,7 +344,7 @@ class Trainer:
         epochs = self.config.train.epochs
         for epoch in range(self.state["epoch"], epochs):
             started = time.perf_counter()
-            record = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
+            record = {"epoch": epoch + 1, "lr": self.ctx.optimizer.param_groups[0]["lr"]}
             record.update(self._train_epoch(epoch))
             self.state["train_seconds"] += time.perf_counter() - started
             val = self.evaluate("val")
@@ -321,6 +374,7 @@ class Trainer:
             self.load_weights(self.out_dir / "best.pt")
         metrics = {
             "method": self.config.method,
+            "parts": list(self.config.parts),
             "dataset": self.config.data.name,
             "seed": self.config.seed,
             "modalities": self.bundle.modalities,
@@ -339,8 +393,8 @@ class Trainer:
         return metrics
 
 
-def train_run(config: RunConfig, out_dir: str | Path, quiet: bool = False, resume: bool = False) -> dict:
-    trainer = Trainer(config, out_dir, quiet=quiet)
+def train_run(config: RunConfig, out_dir: str | Path, quiet: bool = False, resume: bool = False, bundle: DataBundle | None = None) -> dict:
+    trainer = Trainer(config, out_dir, quiet=quiet, bundle=bundle)
     try:
         return trainer.fit(resume=resume)
     finally:
@@ -348,7 +402,7 @@ def train_run(config: RunConfig, out_dir: str | Path, quiet: bool = False, resum
 
 
 def resume_run(run_dir: str | Path, quiet: bool = False) -> dict:
-    from ..config import RunConfig, load_yaml
+    from ..config import load_yaml
 
     run_dir = Path(run_dir)
     if not (run_dir / "last.pt").is_file():

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import re
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,8 +31,9 @@ from ..data.batch import collate
 from ..data.corruptions import Corruption, build_corruption
 from ..data.loading import load_dataset
 from ..errors import MMBalanceError
-from ..experiments.summary import fmt, group_by_method, mean_std
-from ..training.checkpoint import atomic_write_json, atomic_write_text
+from .summary import fmt, group_by_method, mean_std
+from ..files import atomic_write_json, atomic_write_text
+from ..api import load_run as load_run_folder
 from ..training.trainer import Trainer, check_writable
 
 ALL_MODALITIES = "all"
@@ -112,16 +112,6 @@ class CorruptedLoader:
         return len(self.loader)
 
 
-@contextmanager
-def corrupted_test_split(trainer: Trainer, corruption: Corruption, modalities: list[str]):
-    clean = trainer.test_loader
-    trainer.test_loader = CorruptedLoader(clean, corruption, modalities)
-    try:
-        yield
-    finally:
-        trainer.test_loader = clean
-
-
 def check_run_folder(run_dir: Path) -> None:
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "best.pt").is_file():
         raise MMBalanceError(f"{run_dir} is not a finished run folder (needs config.yaml and best.pt)")
@@ -130,9 +120,7 @@ def check_run_folder(run_dir: Path) -> None:
 def load_run(run_dir: Path) -> Trainer:
     """The run rebuilt from its config with its best checkpoint loaded."""
     check_run_folder(run_dir)
-    trainer = Trainer(RunConfig(load_yaml(run_dir / "config.yaml")), None, quiet=True)
-    trainer.load_weights(run_dir / "best.pt")
-    return trainer
+    return load_run_folder(run_dir).trainer
 
 
 def run_label(run_dir: Path, config: RunConfig) -> str:
@@ -159,8 +147,8 @@ def evaluate_run(trainer: Trainer, corruptions: list[Corruption], targets: dict[
             if corruption.level == 0:
                 row.append(clean)
             else:
-                with corrupted_test_split(trainer, corruption, modalities):
-                    row.append(trainer.evaluate("test")["accuracy"])
+                corrupted = CorruptedLoader(trainer.test_loader, corruption, modalities)
+                row.append(trainer.evaluate_loader(corrupted)["accuracy"])
             log(f"  {target} ε={corruption.level:g}: accuracy {100 * row[-1]:.2f}%")
         accuracy[target] = row
     return {"clean_accuracy": clean, "accuracy": accuracy}

@@ -1,0 +1,202 @@
+"""The Python API: train, load and benchmark runs without the command line.
+
+Every function here does what the matching ``mmbalance`` command does and
+writes the same run folders, so a run trained from Python can be evaluated
+from the shell and the other way round.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .config import RunConfig, build_config, load_yaml
+from .data.base import DataBundle
+from .errors import DataError, MMBalanceError
+from .files import atomic_write_bytes
+
+IN_MEMORY_FILE = "data.npz"
+
+
+def _override_list(overrides: Mapping[str, Any] | Sequence[str] | None) -> list[str]:
+    """``{"train.epochs": 2}`` or ``["train.epochs=2"]`` -> ``["train.epochs=2"]`` (values as YAML)."""
+    import yaml
+
+    if overrides is None:
+        return []
+    if isinstance(overrides, Mapping):
+        out = []
+        for key, value in overrides.items():
+            text = yaml.safe_dump(value, default_flow_style=True).strip()
+            if text.endswith("..."):
+                text = text[: -len("...")].strip()
+            out.append(f"{key}={text}")
+        return out
+    return list(overrides)
+
+
+class Run:
+    """A run folder: its resolved config, its metrics, and its best checkpoint on demand."""
+
+    def __init__(self, path: str | Path, config: RunConfig, metrics: dict | None = None, bundle: DataBundle | None = None):
+        self.path = Path(path)
+        self.config = config
+        self.metrics = metrics
+        self._bundle = bundle
+        self._trainer = None
+
+    def __repr__(self) -> str:
+        accuracy = self.metrics["test"]["accuracy"] if self.metrics else None
+        shown = f", test accuracy {accuracy:.4f}" if accuracy is not None else ""
+        return f"Run({str(self.path)!r}, method={self.config.method!r}, dataset={self.config.data.name!r}{shown})"
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    @property
+    def trainer(self):
+        """The run's model and method rebuilt with the best checkpoint's weights (built once)."""
+        if self._trainer is None:
+            from .training import Trainer
+
+            trainer = Trainer(self.config, None, quiet=True, bundle=self._bundle)
+            trainer.load_weights(self.path / "best.pt")
+            self._trainer = trainer
+        return self._trainer
+
+    def evaluate(self, split: str = "test") -> dict:
+        """Every metric of the best checkpoint on ``split`` (train, val or test)."""
+        if split not in ("train", "val", "test"):
+            raise MMBalanceError(f"unknown split '{split}' (allowed: train, val, test)")
+        return self.trainer.evaluate(split)
+
+    @torch.no_grad()
+    def predict(self, inputs: Mapping[str, Tensor | np.ndarray], batch_size: int = 256) -> Tensor:
+        """Class probabilities [N, C] of the run's prediction for one tensor (or array) per modality."""
+        trainer = self.trainer
+        modalities = trainer.bundle.modalities
+        missing = [m for m in modalities if m not in inputs]
+        if missing:
+            raise DataError(f"predict needs modality '{missing[0]}' (the run's modalities: {', '.join(modalities)})")
+        tensors = {m: torch.as_tensor(np.asarray(inputs[m]) if not isinstance(inputs[m], Tensor) else inputs[m]) for m in modalities}
+        count = {m: int(x.shape[0]) for m, x in tensors.items()}
+        if len(set(count.values())) != 1:
+            raise DataError(f"every modality needs the same number of samples, got {count}")
+        for m, x in tensors.items():
+            expected = tuple(trainer.bundle.input_shapes[m])
+            if tuple(x.shape[1:]) != expected:
+                raise DataError(f"modality '{m}' has sample shape {tuple(x.shape[1:])}, the run was trained on {expected}")
+        model, method = trainer.model, trainer.method
+        modes = (model.training, method.training)
+        model.eval()
+        method.eval()
+        try:
+            dtype = {m: torch.long if not x.is_floating_point() else torch.float32 for m, x in tensors.items()}
+            out = []
+            for start in range(0, next(iter(count.values())), batch_size):
+                chunk = {m: x[start : start + batch_size].to(trainer.device, dtype[m]) for m, x in tensors.items()}
+                out.append(method.predict(model, chunk).float().softmax(-1).cpu())
+            return torch.cat(out) if out else torch.zeros(0, trainer.bundle.num_classes)
+        finally:
+            model.train(modes[0])
+            method.train(modes[1])
+
+
+def _resolve_data_path(config: RunConfig, run_dir: Path) -> RunConfig:
+    """A relative ``data.path`` that exists beside the run (in-memory data saved with it) is read from there."""
+    path = config.data.path
+    if path and not Path(path).is_absolute() and not Path(path).exists() and (run_dir / path).is_file():
+        return config.replace(**{"data.path": str(run_dir / path)})
+    return config
+
+
+def load_run(path: str | Path) -> Run:
+    """A finished run folder (config.yaml, best.pt, metrics.json) as a ``Run``."""
+    import json
+
+    run_dir = Path(path)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "best.pt").is_file():
+        raise MMBalanceError(f"{run_dir} is not a finished run folder (needs config.yaml and best.pt)")
+    config = _resolve_data_path(RunConfig(load_yaml(run_dir / "config.yaml")), run_dir)
+    metrics_file = run_dir / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+    return Run(run_dir, config, metrics)
+
+
+def save_bundle(bundle: DataBundle, path: Path) -> None:
+    """An in-memory bundle as an npz file in the layout of the ``npz`` dataset (arrays, label, split)."""
+    from .data.npz import RESERVED
+
+    clash = [m for m in bundle.modalities if m in RESERVED]
+    if clash:
+        raise DataError(f"a modality may not be called '{clash[0]}' (reserved: {', '.join(RESERVED)})")
+    splits = [("train", bundle.train), ("val", bundle.val), ("test", bundle.test)]
+    for name, part in splits:
+        if not hasattr(part, "inputs"):
+            raise DataError(f"the {name} split is not in memory; train(data=...) takes a DataBundle.from_tensors(...)")
+    arrays = {m: torch.cat([part.inputs[m] for _, part in splits]).numpy() for m in bundle.modalities}
+    arrays["label"] = torch.cat([part.labels for _, part in splits]).numpy()
+    arrays["split"] = np.array([name for name, part in splits for _ in range(len(part))])
+    atomic_write_bytes(path, lambda handle: np.savez(handle, **arrays))
+
+
+def train(
+    dataset: str | None = None,
+    method: str = "joint",
+    out: str | Path | None = None,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    *,
+    seed: int | None = None,
+    config: str | Path | None = None,
+    data: DataBundle | None = None,
+    quiet: bool = True,
+) -> Run:
+    """Train one run into ``out`` and return it (``mmbalance train``).
+
+    ``method`` is a spec (``"midas[lam=0.5]+arl"``); ``overrides`` sets
+    config keys (``{"train.epochs": 2}``); ``config`` is a YAML file. With
+    ``data`` (a ``DataBundle``, e.g. ``DataBundle.from_tensors(...)``) the
+    run trains on those tensors and saves them beside itself as ``data.npz``,
+    so ``load_run`` and ``mmbalance eval`` work on it later.
+    """
+    from .training import train_run
+
+    if out is None:
+        raise MMBalanceError("train needs out=FOLDER (the run folder)")
+    out = Path(out)
+    settings = _override_list(overrides)
+    if data is not None:
+        if dataset not in (None, "npz"):
+            raise MMBalanceError(f"give either dataset={dataset!r} or data=..., not both")
+        data.validate()
+        out.mkdir(parents=True, exist_ok=True)
+        save_bundle(data, out / IN_MEMORY_FILE)
+        dataset = "npz"
+        settings = [f"data.path={IN_MEMORY_FILE}", f"npz.num_classes={data.num_classes}", *settings]
+    run_config = build_config(config, settings, dataset=dataset, method=method, seed=seed)
+    metrics = train_run(run_config, out, quiet=quiet, bundle=data)
+    return Run(out, run_config, metrics, bundle=data)
+
+
+def bench(
+    dataset: str,
+    methods: Sequence[str] | str,
+    seeds: int = 5,
+    out: str | Path = "runs/bench",
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    *,
+    config: str | Path | None = None,
+    quiet: bool = True,
+) -> list[dict]:
+    """Every method spec × seed on one dataset, with the summary files (``mmbalance bench``); returns the runs' metrics."""
+    from .experiments.bench import run_bench
+    from .methods.spec import split_methods
+
+    specs = split_methods(methods) if isinstance(methods, str) else list(methods)
+    return run_bench(dataset, specs, seeds, Path(out), _override_list(overrides), config, quiet=quiet,
+                     log=None if not quiet else (lambda text: None))
