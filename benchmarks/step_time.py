@@ -1,9 +1,9 @@
 """Seconds per training step, by encoder setting and training method.
 
 A balancing method is only worth its accuracy if its cost per step is known,
-so this script times full optimisation steps (the trainer's hook order:
-zero_grad, training_step, backward, after_backward, optimizer.step,
-after_step) on synthetic batches at realistic shapes. Joint training is the
+so this script times full optimisation steps (the trainer's own
+``train_step``: zero_grad, the method's hooks, backward, clipping, optimizer
+step) on synthetic batches at realistic shapes. Joint training is the
 reference: every other method is timed interleaved with it, one step of each
 in turn, so that load from other processes lands on all of them alike and
 each method's ratio to joint stays meaningful on a busy machine.
@@ -26,21 +26,21 @@ from pathlib import Path
 
 import torch
 
-import mmbalance.methods  # noqa: F401  (registers every method in METHODS)
-from mmbalance.config import ModelConfig
+import mmbalance  # noqa: F401  (registers every method in METHODS)
+from mmbalance.config import build_config
+from mmbalance.data.base import DataBundle
 from mmbalance.data.batch import Batch
 from mmbalance.errors import MMBalanceError
-from mmbalance.experiments.bench import method_section, split_methods
-from mmbalance.models import build_model
+from mmbalance.methods.spec import split_methods
 from mmbalance.registry import METHODS, unknown_name_message
-from mmbalance.training.context import TrainContext
-from mmbalance.training.distributed import DistributedState
+from mmbalance.training import Trainer
 
 REFERENCE_METHOD = "joint"
 NUM_CLASSES = 10
 FEATURE_DIM = 512
 LEARNING_RATE = 1e-3
 MOMENTUM = 0.9
+EPOCHS = 100
 AUDIO_VISUAL_SHAPES = {"audio": (1, 257, 188), "visual": (3, 3, 224, 224)}
 
 
@@ -72,10 +72,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_optimizer(parameters) -> torch.optim.Optimizer:
-    return torch.optim.SGD(parameters, lr=LEARNING_RATE, momentum=MOMENTUM)
-
-
 def synthetic_batch(setting: Setting, device: torch.device, generator: torch.Generator) -> Batch:
     """Random inputs and labels, made once so that data generation is never timed."""
     size = setting.batch_size
@@ -85,66 +81,46 @@ def synthetic_batch(setting: Setting, device: torch.device, generator: torch.Gen
 
 
 class MethodUnderTest:
-    """One method training its own copy of the model, one timed step at a time.
+    """One method training its own copy of the model through the trainer's own step.
 
-    Every copy starts from the same weights (same seed), and the method is
-    set up as the trainer does it: ``setup`` before the optimizer is built,
-    ``on_epoch_start`` once (untimed, it is a per-epoch cost). The loaders in
-    the context yield the benchmark batch, for methods that read held-out data.
+    Every copy starts from the same weights (same seed) and is built as a run
+    is: the method's recommended settings (e.g. gradient clipping) apply,
+    ``setup`` runs before the optimizers are built, and each timed step is
+    ``Trainer.train_step`` (zero_grad, the parts' hooks, backward, averaging,
+    clipping, optimizer step). The step is taken in the last of
+    ``EPOCHS`` epochs, so every method is past its warm-up and inside its
+    modulation window. The held-out loaders yield the benchmark batch.
     """
 
     def __init__(self, name: str, setting: Setting, batch: Batch, device: torch.device, seed: int, total_steps: int):
         self.name = name
         self.device = device
         self.batch = batch
-        modalities = list(setting.input_shapes)
+        overrides = [
+            f"model.encoder={setting.encoder}", "model.fusion=concat", f"model.feature_dim={FEATURE_DIM}",
+            "train.optimizer=sgd", f"train.lr={LEARNING_RATE}", f"train.momentum={MOMENTUM}", "train.weight_decay=0",
+            f"train.batch_size={setting.batch_size}", f"train.epochs={EPOCHS}", f"train.device={device.type}",
+        ]
+        config = build_config(overrides=overrides, method=name, seed=seed)
+        cpu = batch.to("cpu")
+        rows = torch.arange(len(cpu))
+        bundle = DataBundle.from_tensors(cpu.inputs, cpu.labels, (rows, rows, rows), NUM_CLASSES)
         torch.manual_seed(seed)
-        model_config = ModelConfig(encoder=setting.encoder, fusion="concat", feature_dim=FEATURE_DIM)
-        self.model = build_model(model_config, modalities, setting.input_shapes, NUM_CLASSES)
-        method_name, config = method_section(name)
-        self.method = METHODS.get(method_name)(config, modalities, NUM_CLASSES)
-        self.ctx = TrainContext(
-            epoch=0,
-            max_epochs=1,
-            steps_per_epoch=total_steps,
-            device=device,
-            modalities=modalities,
-            num_classes=NUM_CLASSES,
-            generator=torch.Generator().manual_seed(seed),
-            dist=DistributedState(),
-            train_loader=[batch],
-            heldout_loader=[batch],
-            train_eval_loader=[batch],
-            params=self.model.parameter_groups(),
-        )
-        self.method.setup(self.model, self.ctx)
-        self.model.to(device)
-        self.method.to(device)
-        trainable = [p for p in [*self.model.parameters(), *self.method.parameters()] if p.requires_grad]
-        self.optimizer = make_optimizer(trainable)
-        self.ctx.optimizer = self.optimizer
-        self.ctx.make_optimizer = make_optimizer
-        self.ctx.params["method"] = list(self.method.parameters())
-        self.model.train()
-        self.method.train()
-        self.method.on_epoch_start(self.model, self.ctx)
+        self.trainer = Trainer(config, None, quiet=True, bundle=bundle)
+        self.trainer.ctx.epoch = EPOCHS - 1
+        self.trainer.model.train()
+        self.trainer.method.train()
+        self.trainer.method.on_epoch_start(self.trainer.model, self.trainer.ctx)
         self.steps_done = 0
         self.seconds: list[float] = []
 
     def step(self) -> float:
         """One full optimisation step; returns its wall-clock seconds."""
-        ctx, manual = self.ctx, self.method.manual_optimization
+        ctx = self.trainer.ctx
         ctx.global_step = ctx.step_in_epoch = self.steps_done
         synchronize(self.device)
         started = time.perf_counter()
-        if not manual:
-            self.optimizer.zero_grad(set_to_none=True)
-        result = self.method.training_step(self.model, self.batch, ctx)
-        if not manual:
-            result.loss.backward()
-            self.method.after_backward(self.model, ctx)
-            self.optimizer.step()
-        self.method.after_step(self.model, ctx)
+        self.trainer.train_step(self.batch)
         synchronize(self.device)
         elapsed = time.perf_counter() - started
         self.steps_done += 1
@@ -212,7 +188,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--encoders", type=comma_list, default=list(SETTINGS),
                         help=f"comma-separated settings (default: {','.join(SETTINGS)})")
     parser.add_argument("--methods", type=comma_list, default=[REFERENCE_METHOD],
-                        help="comma-separated registered methods; joint is always timed as the reference (default: joint)")
+                        help="comma-separated method specs (midas+arl, midas[level=input]); joint is always timed "
+                             "as the reference (default: joint)")
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="timed steps per method (default: " + ", ".join(f"{n} {s.default_steps}" for n, s in SETTINGS.items()) + ")")
     parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first (default: 2)")
@@ -234,7 +211,7 @@ def check_names(encoders: list[str], methods: list[str]) -> None:
         if name not in SETTINGS:
             raise MMBalanceError(unknown_name_message("encoder setting", name, list(SETTINGS)))
     for spec in methods:
-        method_section(spec)
+        build_config(method=spec)
 
 
 def pick_device(name: str) -> torch.device:

@@ -81,18 +81,23 @@ class ARL(Plugin):
         )
 
     defaults = {"train.grad_clip": 40.0}
+    auxiliary_options = ("unimodal_weight",)
 
     def __init__(self, config, modalities, num_classes):
         super().__init__(config, modalities, num_classes)
         window_bounds(config)
 
     def accelerating(self, epoch: int) -> bool:
-        shift = 1 if self.config.schedule == "official" else 0
-        return in_window(self.config, epoch - shift)
+        # official: the first epoch of the window is skipped; its end stays modulation_ends
+        skipped = self.config.schedule == "official" and epoch == self.config.modulation_starts
+        return in_window(self.config, epoch) and not skipped
 
     def unimodal_weight(self, epoch: int) -> float:
+        """γ of this epoch: the authors' code uses 1 during the warm-up (0 stays 0: the term is off)."""
         warming_up = epoch < self.config.modulation_starts
-        return 1.0 if self.config.schedule == "official" and warming_up else self.config.unimodal_weight
+        if self.config.schedule == "official" and warming_up and self.config.unimodal_weight > 0:
+            return 1.0
+        return self.config.unimodal_weight
 
     def on_forward(self, record, ctx):
         unimodal = record.zeroed_logits() if self.config.unimodal_logits == "zeroed" else record.restricted_logits()

@@ -163,9 +163,16 @@ class Objective(Part):
 
 
 class Plugin(Part):
-    """A part that works with any objective: it never defines the main loss."""
+    """A part that works with any objective: it never defines the main loss.
+
+    A plugin may add auxiliary loss terms (``record.add_loss``); the options
+    that weight them are named in ``auxiliary_options``, so that its other
+    effects can be told apart (outside its window, with those weights at
+    zero, a plugin leaves every gradient as its objective made it).
+    """
 
     kind = "plugin"
+    auxiliary_options: ClassVar[tuple[str, ...]] = ()
 
 
 def cross_entropy(logits: Tensor, batch: Batch) -> Tensor:

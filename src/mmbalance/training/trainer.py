@@ -247,16 +247,36 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_([p for p in self.parameters if p.grad is not None], self.config.train.grad_clip)
 
     def manual_step(self, loss: torch.Tensor, record: StepRecord | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """For manual optimisation: backward, averaging, plugins' after_backward, clipping, step, zero grads."""
+        """For manual optimisation: backward, averaging, plugins' after_backward, clipping, step.
+
+        Every gradient is then set to None, not only the stepped optimizer's:
+        what a sub-step left on other parameters must not leak into the next
+        one, and a parameter a sub-step does not reach is skipped by its optimizer.
+        """
         optimizer = optimizer or self.ctx.optimizer
         loss.backward()
         self._finish_gradients(record)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
 
     def _zero_grad(self) -> None:
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
+        for p in self.parameters:
+            p.grad = None
+
+    def train_step(self, batch) -> StepRecord:
+        """One optimisation step on a batch already on the device; returns what it computed."""
+        manual = self.method.manual_optimization
+        self._zero_grad()
+        record = self.method.training_step(self.model, batch, self.ctx)
+        if not manual:
+            record.loss.backward()
+            self._finish_gradients(record)
+            for opt in self.optimizers.values():
+                opt.step()
+        self.method.after_step(record, self.ctx)
+        return record
 
     # -- training ------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> dict:
@@ -266,7 +286,6 @@ class Trainer:
         ctx = self.ctx
         ctx.epoch = epoch
         self.method.on_epoch_start(self.model, ctx)
-        manual = self.method.manual_optimization
         device = self.device
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
         first_bad = torch.full((2,), -1.0, dtype=torch.float64, device=device)  # step, loss value
@@ -278,16 +297,8 @@ class Trainer:
             ctx.step_in_epoch = step
             ctx.global_step = self.state["global_step"]
             batch = batch.to(device, non_blocking=True)
-            if not manual:
-                self._zero_grad()
-            record = self.method.training_step(self.model, batch, ctx)
+            record = self.train_step(batch)
             loss = record.loss
-            if not manual:
-                loss.backward()
-                self._finish_gradients(record)
-                for opt in self.optimizers.values():
-                    opt.step()
-            self.method.after_step(record, ctx)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             self.state["step_seconds"] += time.perf_counter() - started
