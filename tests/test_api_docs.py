@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmbalance.cli import main
 from mmbalance.registry import METHODS
@@ -102,3 +103,38 @@ def test_import_mmbalance_is_enough_in_a_fresh_shell(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     assert 0 <= float(done.stdout.strip()) <= 1
+
+
+def test_the_architecture_pages_plugin_example_is_a_working_gradient_modulator(tmp_path, monkeypatch):
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    code = re.search(r"## Adding a method.*?```python\n(.*?)```", text, re.S).group(1)
+    code = code.replace("from ..", "from mmbalance.").replace("from .base", "from mmbalance.methods.base")
+    code = code.replace("from .window", "from mmbalance.methods.window")
+    monkeypatch.chdir(tmp_path)
+    try:
+        exec(compile(code, "docs/architecture.md", "exec"), {})
+        from mmbalance.training import Trainer
+        from mmbalance.config import build_config
+
+        config = build_config(method="joint+my_ogm[alpha=0.5]", overrides=[
+            "synthetic.num_samples=200", "synthetic.num_classes=4", "synthetic.strong_groups=2", "train.epochs=1"])
+        plain = Trainer(build_config(method="joint", overrides=[
+            "synthetic.num_samples=200", "synthetic.num_classes=4", "synthetic.strong_groups=2", "train.epochs=1"]), None, quiet=True)
+        trainer = Trainer(config, None, quiet=True)
+        trainer.model.load_state_dict(plain.model.state_dict())
+        batch = next(iter(trainer.train_loader))
+        grads = []
+        for t in (plain, trainer):
+            t._zero_grad()
+            record = t.method.training_step(t.model, batch, t.ctx)
+            record.loss.backward()
+            t._finish_gradients(record)
+            grads.append(record)
+        k = grads[1].logs
+        dominant = max(("strong", "weak"), key=lambda m: -float(k[f"my_ogm/k/{m}"]))
+        assert float(k[f"my_ogm/k/{dominant}"]) < 1  # the dominant modality is damped ...
+        p_plain = plain.ctx.params.encoder[dominant][0].grad
+        p_mod = trainer.ctx.params.encoder[dominant][0].grad
+        assert torch.allclose(p_mod, float(k[f"my_ogm/k/{dominant}"]) * p_plain, atol=1e-7)  # ... by exactly k
+    finally:
+        METHODS.unregister("my_ogm")

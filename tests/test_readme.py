@@ -22,3 +22,11 @@ def test_standalone_midas_snippet_runs():
     assert alpha.shape == (2,) and bool((alpha >= 1).all())
     assert torch.isfinite(namespace["misaligned_loss"]) and namespace["misaligned_loss"] > 0
     assert int(namespace["stats"]["count"]) > 0
+
+
+def test_python_api_snippet_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(snippet("python-api"), "README.md", "exec"), namespace)
+    assert namespace["run"].method == "midas+arl" and len(namespace["results"]) == 4
+    assert (tmp_path / "runs" / "py-bench" / "summary.md").is_file()

@@ -83,6 +83,10 @@ class MIDAS(Objective):
     def misaligning(self, ctx) -> bool:
         return in_window(self.config, ctx.epoch, default_starts=self.warmup_epochs(ctx.max_epochs))
 
+    def setup(self, model, ctx):
+        # with modulation_starts unset the warm-up depends on train.epochs: check the window now, not when it starts
+        window_bounds(self.config, self.warmup_epochs(ctx.max_epochs))
+
     def on_epoch_start(self, model, ctx):
         if ctx.epoch == self.warmup_epochs(ctx.max_epochs):
             self.misalignment.reset_alpha()
