@@ -92,7 +92,8 @@ class MethodUnderTest:
     modulation window. The held-out loaders yield the benchmark batch.
     """
 
-    def __init__(self, name: str, setting: Setting, batch: Batch, device: torch.device, seed: int, total_steps: int):
+    def __init__(self, name: str, setting: Setting, batch: Batch, device: torch.device, seed: int, total_steps: int,
+                 extra: list[str] = ()):
         self.name = name
         self.device = device
         self.batch = batch
@@ -100,6 +101,7 @@ class MethodUnderTest:
             f"model.encoder={setting.encoder}", "model.fusion=concat", f"model.feature_dim={FEATURE_DIM}",
             "train.optimizer=sgd", f"train.lr={LEARNING_RATE}", f"train.momentum={MOMENTUM}", "train.weight_decay=0",
             f"train.batch_size={setting.batch_size}", f"train.epochs={EPOCHS}", f"train.device={device.type}",
+            *extra,
         ]
         config = build_config(overrides=overrides, method=name, seed=seed)
         cpu = batch.to("cpu")
@@ -128,12 +130,13 @@ class MethodUnderTest:
 
 
 def benchmark_setting(
-    setting_name: str, methods: list[str], steps: int, warmup: int, device: torch.device, seed: int
+    setting_name: str, methods: list[str], steps: int, warmup: int, device: torch.device, seed: int,
+    overrides: list[str] = (),
 ) -> list[dict]:
     """Time every method on one setting, interleaved step by step; one result row per method."""
     setting = SETTINGS[setting_name]
     batch = synthetic_batch(setting, device, torch.Generator().manual_seed(seed))
-    runs = [MethodUnderTest(name, setting, batch, device, seed, warmup + steps) for name in methods]
+    runs = [MethodUnderTest(name, setting, batch, device, seed, warmup + steps, list(overrides)) for name in methods]
     for step in range(warmup + steps):
         phase = f"warmup {step + 1}/{warmup}" if step < warmup else f"step {step - warmup + 1}/{steps}"
         # Reverse the order every other step so that no method always runs right after another.
@@ -196,12 +199,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every method, e.g. --set train.grad_clip=0 (repeatable)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the results as a Markdown table")
     return parser.parse_args(argv)
 
 
-def check_names(encoders: list[str], methods: list[str]) -> None:
+def check_names(encoders: list[str], methods: list[str], overrides: list[str] = ()) -> None:
     """Fail on a bad name before any model is built: a ResNet run is too slow to waste."""
     if not encoders:
         raise MMBalanceError(f"--encoders is empty (allowed: {', '.join(SETTINGS)})")
@@ -211,7 +216,7 @@ def check_names(encoders: list[str], methods: list[str]) -> None:
         if name not in SETTINGS:
             raise MMBalanceError(unknown_name_message("encoder setting", name, list(SETTINGS)))
     for spec in methods:
-        build_config(method=spec)
+        build_config(method=spec, overrides=overrides)
 
 
 def pick_device(name: str) -> torch.device:
@@ -285,7 +290,7 @@ def environment_line(env: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        check_names(args.encoders, args.methods)
+        check_names(args.encoders, args.methods, args.overrides)
         device = pick_device(args.device)
     except MMBalanceError as exc:
         print(f"step_time.py: error: {exc}", file=sys.stderr)
@@ -299,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for name in args.encoders:
         steps = args.steps or SETTINGS[name].default_steps
-        rows += benchmark_setting(name, methods, steps, args.warmup, device, args.seed)
+        rows += benchmark_setting(name, methods, steps, args.warmup, device, args.seed, args.overrides)
     print(environment_line(env))
     print(text_table(rows))
     if args.json is not None:

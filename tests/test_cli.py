@@ -68,7 +68,7 @@ def test_bench_writes_results_and_summary_and_skips_finished_runs(tmp_path, caps
     stamp = (out / "joint-seed0" / "metrics.json").stat().st_mtime_ns
     capsys.readouterr()
     assert run_cli(*args) == 0
-    assert "done earlier, skipped" in capsys.readouterr().err
+    assert "done earlier with the same settings, reused" in capsys.readouterr().err
     assert (out / "joint-seed0" / "metrics.json").stat().st_mtime_ns == stamp
 
 

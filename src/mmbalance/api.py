@@ -155,6 +155,7 @@ def train(
     config: str | Path | None = None,
     data: DataBundle | None = None,
     quiet: bool = True,
+    overwrite: bool = False,
 ) -> Run:
     """Train one run into ``out`` and return it (``mmbalance train``).
 
@@ -162,7 +163,8 @@ def train(
     config keys (``{"train.epochs": 2}``); ``config`` is a YAML file. With
     ``data`` (a ``DataBundle``, e.g. ``DataBundle.from_tensors(...)``) the
     run trains on those tensors and saves them beside itself as ``data.npz``,
-    so ``load_run`` and ``mmbalance eval`` work on it later.
+    so ``load_run`` and ``mmbalance eval`` work on it later. A folder that
+    holds a run already is refused unless ``overwrite=True``.
     """
     from .training import train_run
 
@@ -171,15 +173,19 @@ def train(
     out = Path(out)
     settings = _override_list(overrides)
     if data is not None:
+        from .training.trainer import run_files
+
         if dataset not in (None, "npz"):
             raise MMBalanceError(f"give either dataset={dataset!r} or data=..., not both")
         data.validate()
+        if out.exists() and run_files(out) and not overwrite:
+            raise MMBalanceError(f"{out} holds a run already ({', '.join(run_files(out))}); pass overwrite=True to replace it")
         out.mkdir(parents=True, exist_ok=True)
         save_bundle(data, out / IN_MEMORY_FILE)
         dataset = "npz"
         settings = [f"data.path={IN_MEMORY_FILE}", f"npz.num_classes={data.num_classes}", *settings]
     run_config = build_config(config, settings, dataset=dataset, method=method, seed=seed)
-    metrics = train_run(run_config, out, quiet=quiet, bundle=data)
+    metrics = train_run(run_config, out, quiet=quiet, bundle=data, overwrite=overwrite)
     return Run(out, run_config, metrics, bundle=data)
 
 

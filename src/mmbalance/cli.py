@@ -10,6 +10,7 @@ import argparse
 import json
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -55,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="objective and plugins joined by '+', with options in brackets: 'midas[lam=0.5]+arl'")
     p.add_argument("--seed", type=int)
     p.add_argument("--out", help="run folder")
-    p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the interrupted run in DIR (with --set train.epochs=N: extend it to N epochs)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run that --out DIR holds already")
     _add_config_args(p)
 
     p = sub.add_parser("eval", parents=common, help="evaluate a run's best checkpoint")
@@ -121,14 +124,18 @@ def cmd_train(args) -> int:
 
     if args.resume:
         extra = [name for name in ("dataset", "method", "seed", "out", "config") if getattr(args, name) is not None]
-        if extra or args.overrides:
-            raise MMBalanceError("--resume DIR continues a run as configured; do not combine it with other options")
-        metrics = resume_run(Path(args.resume), quiet=args.quiet)
+        if extra or args.overwrite:
+            flag = "--overwrite" if args.overwrite else f"--{extra[0]}"
+            raise MMBalanceError(
+                f"--resume DIR continues a run as configured; {flag} does not combine with it "
+                f"(only --set train.epochs=N and the other keys safe to change)"
+            )
+        metrics = resume_run(Path(args.resume), quiet=args.quiet, overrides=args.overrides)
     else:
         if not args.out:
             raise MMBalanceError("train needs --out DIR (the run folder), or --resume DIR")
         config = build_config(args.config, args.overrides, dataset=args.dataset, method=args.method, seed=args.seed)
-        metrics = train_run(config, Path(args.out), quiet=args.quiet)
+        metrics = train_run(config, Path(args.out), quiet=args.quiet, overwrite=args.overwrite)
     print(_metrics_line(metrics))
     return 0
 
@@ -250,19 +257,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     command = "mmbalance " + shlex.join(argv)
+    handlers = {
+        "train": cmd_train,
+        "eval": cmd_eval,
+        "list": cmd_list,
+        "data": cmd_data,
+        "bench": lambda a: cmd_bench(a, command),
+        "robust": lambda a: cmd_robust(a, command),
+        "demo": cmd_demo,
+        "plot": cmd_plot,
+    }
+    # Warnings of libraries (numpy's RuntimeWarnings on odd data, say) are held back: after an
+    # error the one-line message stands alone; after success each distinct one is one line.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always" if args.debug else "default")
+        status = _run(handlers[args.command], args)
+    if args.debug or status == 0:
+        for text in dict.fromkeys(f"{w.category.__name__}: {str(w.message).splitlines()[0]}" for w in caught):
+            print(f"mmbalance: warning: {text}", file=sys.stderr)
+    return status
+
+
+def _run(handler, args) -> int:
     try:
         _register_all(args.imports)
-        handlers = {
-            "train": cmd_train,
-            "eval": cmd_eval,
-            "list": cmd_list,
-            "data": cmd_data,
-            "bench": lambda a: cmd_bench(a, command),
-            "robust": lambda a: cmd_robust(a, command),
-            "demo": cmd_demo,
-            "plot": cmd_plot,
-        }
-        return handlers[args.command](args)
+        return handler(args)
     except MMBalanceError as exc:
         if args.debug:
             raise

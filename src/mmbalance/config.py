@@ -12,6 +12,7 @@ with one line naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -25,7 +26,11 @@ from .registry import DATASETS, METHODS, closest
 class Section(BaseModel):
     """Base for every config section: unknown keys are errors, values are checked."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, frozen=False,
+        strict=True,  # no booleans for numbers, no strings for numbers: a value is what it says
+        allow_inf_nan=False,  # no inf or nan anywhere (train.lr=.inf)
+    )
 
 
 class TrainConfig(Section):
@@ -99,7 +104,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"bad --set '{text}': the key before '=' is empty")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -126,14 +131,43 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice (line {line})", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 reads 1e-3 (no dot) as a string; users mean a number, as in Python.
+UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not text (expected YAML in UTF-8)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.load(text, Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        message = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML: {message}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
     return data
@@ -212,8 +246,6 @@ class RunConfig:
     def _scalar(raw: dict, key: str, default: Any) -> Any:
         value = raw.get(key, default)
         kind = SCALAR_KEYS[key]
-        if kind is int and isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            value = int(value)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise ConfigError(f"invalid value for {key}: {value!r} (expected {kind.__name__})")
         return value

@@ -5,10 +5,14 @@ Each run lives in its own folder directly under the benchmark folder
 options, for ablations: ``midas[modulation_starts=0]+arl[temperature=4]``
 runs MIDAS without warm-up and ARL with T = 4 and is reported under its full
 spec (a plugin alone, ``arl``, is reported as ``joint+arl``). A
-finished run (``metrics.json`` present) is skipped on
-re-runs and an interrupted one is resumed, so a killed benchmark continues
-where it stopped. ``results.jsonl`` and ``summary.md`` are rebuilt from the
-run folders every time.
+finished run (``metrics.json`` present) is reused on re-runs and an
+interrupted one is resumed, so a killed benchmark continues where it
+stopped, but only when the folder was trained with the same resolved
+settings: a bench re-run with another ``--set`` refuses the folder, naming
+the keys that differ. Each run folder is locked while a bench works on it,
+so two benches on one ``--out`` never train a run twice (the second waits
+and then reuses it). ``results.jsonl`` and ``summary.md`` are rebuilt from
+the run folders every time.
 """
 
 from __future__ import annotations
@@ -18,12 +22,12 @@ import re
 import sys
 from pathlib import Path
 
-from ..config import RunConfig, build_config
+from ..config import RunConfig, build_config, load_yaml
 from ..errors import MMBalanceError
-from ..files import atomic_write_text
+from ..files import FolderLock, atomic_write_text
 from ..methods.compose import resolve
 from ..methods.spec import spec_string
-from ..training.trainer import check_writable, resume_run, train_run
+from ..training.trainer import check_writable, config_mismatch, describe_mismatch, resume_run, train_run
 from .robustness import check_sweep, robustness_report
 from .summary import bar_chart, fmt, markdown_table
 
@@ -75,25 +79,49 @@ def run_bench(
     results = []
     for k, (label, name, config) in enumerate(plan, 1):
         run_dir = out_dir / name
-        metrics_path = run_dir / "metrics.json"
-        if metrics_path.is_file():
-            log(f"[{k}/{len(plan)}] {name}: done earlier, skipped")
-            metrics = json.loads(metrics_path.read_text())
-        elif (run_dir / "last.pt").is_file():
-            log(f"[{k}/{len(plan)}] {name}: resuming")
-            metrics = resume_run(run_dir, quiet=quiet)
-        else:
-            log(f"[{k}/{len(plan)}] {name}: training")
-            metrics = train_run(config, run_dir, quiet=quiet)
+        lock = FolderLock(run_dir).acquire(wait=True, on_wait=lambda text: log(f"[{k}/{len(plan)}] {text}"))
+        try:
+            metrics = run_or_reuse(config, run_dir, quiet, lambda text: log(f"[{k}/{len(plan)}] {name}: {text}"))
+        finally:
+            lock.release()
         metrics["label"] = label
         log(f"[{k}/{len(plan)}] {name}: test accuracy {100 * metrics['test']['accuracy']:.2f}%")
         results.append(metrics)
-    write_reports(results, out_dir, dataset, command)
+    with FolderLock(out_dir).acquire(wait=True, on_wait=log):
+        write_reports(results, out_dir, dataset, command)
     if robust:
         corruption, levels = robust
         robustness_report([out_dir / name for _, name, _ in plan], corruption, levels, out_dir / "robustness",
                           labels=[label for label, _, _ in plan], command=command, log=log)
     return results
+
+
+#: settings that may differ between a bench and a run folder it reuses: they change no result
+REUSABLE_KEYS = ("train.num_workers", "train.eval_batch_size", "train.device", "data.root", "data.path")
+
+
+def run_or_reuse(config: RunConfig, run_dir: Path, quiet: bool, log) -> dict:
+    """Train the run, resume it, or reuse it when finished, never a folder trained with other settings.
+
+    The caller holds the folder's lock, so two benches on one folder never
+    train the same run twice.
+    """
+    if (run_dir / "config.yaml").is_file() and ((run_dir / "metrics.json").is_file() or (run_dir / "last.pt").is_file()):
+        existing = RunConfig(load_yaml(run_dir / "config.yaml"))
+        mismatch = config_mismatch(existing.to_dict(), config.to_dict(), REUSABLE_KEYS)
+        if mismatch:
+            raise MMBalanceError(
+                f"{run_dir} was trained with other settings than this bench's ("
+                + describe_mismatch(mismatch, "the run", "this bench")
+                + "); use another --out, or delete that folder to train it again"
+            )
+        if (run_dir / "metrics.json").is_file():
+            log("done earlier with the same settings, reused")
+            return json.loads((run_dir / "metrics.json").read_text())
+        log("resuming")
+        return resume_run(run_dir, quiet=quiet, locked=True)
+    log("training")
+    return train_run(config, run_dir, quiet=quiet, overwrite=True, locked=True)
 
 
 def reference_lines(results: list[dict]) -> list[str]:

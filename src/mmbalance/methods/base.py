@@ -67,6 +67,16 @@ class Part(nn.Module):
             )
             raise ConfigError(f"{self.name} needs {allowed} modalities (the dataset has {count}: {', '.join(self.modalities)})")
 
+    @classmethod
+    def pinned_options(cls, config: Section, epochs: int) -> dict[str, Any]:
+        """Options whose unset value follows ``train.epochs``, resolved for ``epochs``.
+
+        When a run is extended to more epochs these are written into its
+        config first, so that its schedule (e.g. a warm-up of epochs / 7) stays
+        what it was.
+        """
+        return {}
+
     @property
     def name(self) -> str:
         return getattr(type(self), "registry_name", type(self).__name__.lower())

@@ -72,6 +72,10 @@ class MIDAS(Objective):
             alpha_max=config.alpha_max,
         )
 
+    @classmethod
+    def pinned_options(cls, config, epochs):
+        return {"modulation_starts": round(epochs / 7)} if config.modulation_starts is None else {}
+
     def warmup_epochs(self, max_epochs: int) -> int:
         """The epochs before the misaligned training starts (the paper's E_w)."""
         starts = self.config.modulation_starts

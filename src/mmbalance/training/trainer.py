@@ -31,17 +31,47 @@ from ..data.batch import collate_batch
 from ..data.loading import load_dataset, split_seed
 from ..errors import ConfigError, MMBalanceError, NonFiniteLossError
 from ..evaluation.evaluate import evaluate
-from ..files import atomic_write_json, atomic_write_text
+from ..files import FolderLock, atomic_write_json, atomic_write_text
 from ..methods.compose import Method
 from ..methods.record import StepRecord
 from ..models.multimodal import MultimodalModel, build_model
 from ..models.parameters import ParameterGroups
-from .checkpoint import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
+from .checkpoint import (
+    atomic_save,
+    check_state_fits,
+    config_fingerprint,
+    differing_keys,
+    load_checkpoint,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from .context import TrainContext
 from .distributed import DistributedState, ShardedShuffleSampler
 from .progress import Progress
 
 HELDOUT_SEED_OFFSET = 7919  # the carve's seed differs from the split's, yet is the same for every method
+RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.json", "best.pt", "last.pt")
+#: keys that may differ between a checkpoint and the run that reads it: where the data lives, how it
+#: is loaded, the device, and (when resuming) how many epochs to train in all
+SAFE_KEYS = ("train.epochs", "train.num_workers", "train.eval_batch_size", "train.device", "data.root", "data.path")
+LAST_CHECKPOINT_KEYS = ("model", "method", "optimizers", "schedulers", "state", "rng", "generator", "config", "history")
+
+
+def run_files(out_dir: Path) -> list[str]:
+    """The files of a run that ``out_dir`` holds already (links included)."""
+    return [name for name in RUN_FILES if (out_dir / name).exists() or (out_dir / name).is_symlink()]
+
+
+def config_mismatch(stored: dict, current: dict, safe: tuple[str, ...] = SAFE_KEYS) -> list[tuple[str, Any, Any]]:
+    """Keys (other than ``safe`` ones) whose values differ between a checkpoint's config and this run's."""
+    return [d for d in differing_keys(stored, current) if d[0] not in safe]
+
+
+def describe_mismatch(differences: list[tuple[str, Any, Any]], first: str, second: str) -> str:
+    shown = "; ".join(f"{key}: {a!r} in {first}, {b!r} in {second}" for key, a, b in differences[:3])
+    more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""
+    return shown + more
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -136,6 +166,7 @@ class Trainer:
             "step_seconds": 0.0,
             "steps_timed": 0,
         }
+        self.history: list[dict] = []  # one record per finished epoch: metrics.jsonl, and part of last.pt
 
     # -- construction --------------------------------------------------------
     def make_optimizer(self, params) -> torch.optim.Optimizer:
@@ -211,6 +242,7 @@ class Trainer:
         return {"model": self.model.state_dict(), "method": self.method.state_dict()}
 
     def _last_checkpoint(self) -> dict:
+        config = self.config.to_dict()
         return {
             **self._weights(),
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
@@ -218,24 +250,59 @@ class Trainer:
             "state": dict(self.state),
             "rng": rng_state(),
             "generator": self.ctx.generator.get_state(),
-            "config": self.config.to_dict(),
+            "config": config,
+            "fingerprint": config_fingerprint(config),
+            "history": list(self.history),
         }
 
-    def _restore(self, checkpoint: dict) -> None:
+    def _load_weights_from(self, checkpoint: dict, path: Path) -> None:
+        stored = checkpoint.get("config")
+        if isinstance(stored, dict):
+            method = stored.get("method")
+            if method != self.config.method:
+                raise MMBalanceError(f"{path} was trained with method '{method}', this run's method is '{self.config.method}'")
+        check_state_fits(checkpoint["model"], self.model.state_dict(), "model", path)
+        check_state_fits(checkpoint["method"], self.method.state_dict(), f"method '{self.config.method}'", path)
         self.model.load_state_dict(checkpoint["model"])
         self.method.load_state_dict(checkpoint["method"])
+
+    def _restore(self, checkpoint: dict, path: Path) -> None:
+        self._load_weights_from(checkpoint, path)
+        if set(checkpoint["optimizers"]) != set(self.optimizers) or set(checkpoint["schedulers"]) != set(self.schedulers):
+            raise MMBalanceError(
+                f"{path} holds optimizers {sorted(checkpoint['optimizers'])} and schedulers {sorted(checkpoint['schedulers'])}, "
+                f"this run has {sorted(self.optimizers)} and {sorted(self.schedulers)}"
+            )
         for name, opt in self.optimizers.items():
             opt.load_state_dict(checkpoint["optimizers"][name])
         for name, scheduler in self.schedulers.items():
             scheduler.load_state_dict(checkpoint["schedulers"][name])
         self.state.update(checkpoint["state"])
+        if self.state["epoch"] > self.config.train.epochs:
+            raise MMBalanceError(
+                f"train.epochs={self.config.train.epochs} is below the {self.state['epoch']} epochs {path} has trained already"
+            )
         set_rng_state(checkpoint["rng"])
         self.ctx.generator.set_state(checkpoint["generator"])
+        self.history = list(checkpoint["history"])
 
     def load_weights(self, path: Path) -> dict:
+        """The model and method weights of a checkpoint (best.pt), checked against this run."""
+        path = Path(path)
         checkpoint = load_checkpoint(path)
-        self.model.load_state_dict(checkpoint["model"])
-        self.method.load_state_dict(checkpoint["method"])
+        stored = checkpoint.get("config")
+        if isinstance(stored, dict):
+            if stored.get("method") != self.config.method:
+                raise MMBalanceError(
+                    f"{path} was trained with method '{stored.get('method')}', this run's method is '{self.config.method}'"
+                )
+            mismatch = config_mismatch(stored, self.config.to_dict())
+            if mismatch:
+                raise MMBalanceError(
+                    f"{path} was trained with another configuration than this run's: "
+                    + describe_mismatch(mismatch, path.name, "this run")
+                )
+        self._load_weights_from(checkpoint, path)
         return checkpoint
 
     # -- one optimisation step -------------------------------------------------
@@ -321,9 +388,13 @@ class Trainer:
                 self.progress.set_postfix(bar, loss=totals[0].item() / totals[2].item(), acc=totals[1].item() / totals[2].item())
         bad_step, bad_value = first_bad.tolist()
         if bad_step >= 0:
+            kept = (
+                f"the last good checkpoint (epoch {epoch}) is kept" if epoch > 0
+                else "no epoch had finished, so there is no checkpoint and the run folder is removed"
+            )
             raise NonFiniteLossError(
                 f"non-finite loss ({bad_value}) at epoch {epoch + 1}, step {int(bad_step) + 1}; "
-                f"training stopped, the last good checkpoint (epoch {epoch}) is kept; try a lower train.lr"
+                f"training stopped, {kept}; try a lower train.lr"
             )
         keys = sorted(log_sums)
         logs: dict[str, float] = {}
@@ -341,17 +412,61 @@ class Trainer:
             "method": logs,
         }
 
-    def fit(self, resume: bool = False) -> dict:
-        """Train to ``train.epochs``, keeping the best validation checkpoint; return final metrics."""
-        if self.out_dir is not None and self.dist.is_main:
+    def fit(self, resume: bool = False, overwrite: bool = False, locked: bool = False) -> dict:
+        """Train to ``train.epochs``, keeping the best validation checkpoint; return final metrics.
+
+        A new run refuses a folder that holds a run already unless
+        ``overwrite``; a run that fails before its first checkpoint removes
+        what it created, so no half-made run folder is left behind. The
+        folder is locked while the run writes there (``locked``: the caller
+        holds that lock already).
+        """
+        writes = self.out_dir is not None and self.dist.is_main
+        lock = None
+        created_folder = False
+        if writes:
+            present = run_files(self.out_dir) if self.out_dir.is_dir() else []
+            if not resume and present and not overwrite:
+                raise MMBalanceError(
+                    f"{self.out_dir} holds a run already ({', '.join(present)}); continue it with "
+                    f"--resume {self.out_dir}, or replace it with --overwrite"
+                )
+            created_folder = not self.out_dir.exists()
             check_writable(self.out_dir)
-        if resume:
-            self._restore(load_checkpoint(self.out_dir / "last.pt"))
-        elif self.out_dir is not None and self.dist.is_main:
-            atomic_write_text(self.out_dir / "config.yaml", self.config.to_yaml())
-            (self.out_dir / "metrics.jsonl").write_text("")
-            for stale in ("metrics.json", "best.pt", "last.pt"):
-                (self.out_dir / stale).unlink(missing_ok=True)
+            lock = None if locked else FolderLock(self.out_dir).acquire()
+        try:
+            if resume:
+                path = self.out_dir / "last.pt"
+                self._restore(load_checkpoint(path, LAST_CHECKPOINT_KEYS), path)
+                self._write_history()  # metrics.jsonl agrees with the checkpoint, whatever a kill left
+            elif writes:
+                for name in run_files(self.out_dir):  # --overwrite: the user asked for it
+                    (self.out_dir / name).unlink()
+                atomic_write_text(self.out_dir / "config.yaml", self.config.to_yaml())
+                self._write_history()
+            return self._train_and_finish()
+        except BaseException:
+            if writes and not resume and self.state["epoch"] == 0:
+                self._remove_unfinished(created_folder)
+            raise
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _remove_unfinished(self, created_folder: bool) -> None:
+        """A new run that failed before its first checkpoint leaves nothing it wrote (its folder too, if it made it)."""
+        for name in RUN_FILES:  # a new run starts from a folder without run files, so these are all its own
+            path = self.out_dir / name
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
+        if created_folder:
+            (self.out_dir / FolderLock.NAME).unlink(missing_ok=True)
+            try:
+                self.out_dir.rmdir()
+            except OSError:
+                pass
+
+    def _train_and_finish(self) -> dict:
         epochs = self.config.train.epochs
         for epoch in range(self.state["epoch"], epochs):
             started = time.perf_counter()
@@ -362,22 +477,25 @@ class Trainer:
             record["val"] = val
             record["seconds"] = time.perf_counter() - started
             self.state["epoch"] = epoch + 1
+            self.history.append(record)
             if val["accuracy"] > self.state["best_val_accuracy"]:
                 self.state["best_val_accuracy"] = val["accuracy"]
                 self.state["best_epoch"] = epoch + 1
-                self._write("best.pt", {**self._weights(), "epoch": epoch + 1, "config": self.config.to_dict()})
+                config = self.config.to_dict()
+                self._write("best.pt", {**self._weights(), "epoch": epoch + 1, "config": config,
+                                        "fingerprint": config_fingerprint(config)})
             self._write("last.pt", self._last_checkpoint())
-            self._append_jsonl(record)
+            self._write_history()
             self.progress.epoch_summary(
                 f"epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.4f}  "
                 f"train acc {record['train_accuracy']:.4f}  val acc {val['accuracy']:.4f}"
             )
         return self.finish()
 
-    def _append_jsonl(self, record: dict) -> None:
+    def _write_history(self) -> None:
+        """metrics.jsonl, rewritten whole from the records (atomic: never torn, never through a link)."""
         if self.out_dir is not None and self.dist.is_main:
-            with open(self.out_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            atomic_write_text(self.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
 
     def finish(self) -> dict:
         if self.out_dir is not None:
@@ -404,19 +522,73 @@ class Trainer:
         return metrics
 
 
-def train_run(config: RunConfig, out_dir: str | Path, quiet: bool = False, resume: bool = False, bundle: DataBundle | None = None) -> dict:
+def train_run(config: RunConfig, out_dir: str | Path, quiet: bool = False, resume: bool = False,
+              bundle: DataBundle | None = None, overwrite: bool = False, locked: bool = False) -> dict:
     trainer = Trainer(config, out_dir, quiet=quiet, bundle=bundle)
     try:
-        return trainer.fit(resume=resume)
+        return trainer.fit(resume=resume, overwrite=overwrite, locked=locked)
     finally:
         trainer.dist.shutdown()
 
 
-def resume_run(run_dir: str | Path, quiet: bool = False) -> dict:
-    from ..config import load_yaml
+def resumable_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:
+    """The configuration last.pt was trained with, checked against config.yaml, with safe extensions.
 
+    A hand-edited config.yaml is refused (the run would otherwise continue
+    with the checkpoint's settings while config.yaml says others), naming the
+    keys; ``overrides`` may change only ``SAFE_KEYS`` (``train.epochs`` to
+    extend a run), and the result is written back to config.yaml.
+    """
+    from ..config import load_yaml, parse_override, set_dotted
+    from ..methods.compose import part_class
+
+    def pinned(raw: dict) -> dict:
+        """The config with every epoch-dependent option resolved: an extension pins them, so compare pinned."""
+        config = RunConfig(raw)
+        out = config.to_dict()
+        for name in config.parts:
+            for option, value in part_class(name).pinned_options(config.section(name), config.train.epochs).items():
+                out[name][option] = value
+        return out
+
+    checkpoint = load_checkpoint(run_dir / "last.pt", LAST_CHECKPOINT_KEYS)
+    stored = checkpoint["config"]
+    if not isinstance(stored, dict):
+        raise MMBalanceError(f"{run_dir / 'last.pt'} is not an mmbalance checkpoint: its config is a {type(stored).__name__}")
+    on_disk = RunConfig(load_yaml(run_dir / "config.yaml")).to_dict()
+    mismatch = config_mismatch(pinned(stored), pinned(on_disk))
+    if mismatch:
+        raise MMBalanceError(
+            f"{run_dir / 'config.yaml'} differs from the configuration last.pt was trained with ("
+            + describe_mismatch(mismatch, "last.pt", "config.yaml")
+            + f"); restore it, or change only {', '.join(SAFE_KEYS)} with --resume DIR --set KEY=VALUE"
+        )
+    raw = {**on_disk}
+    changes = [parse_override(text) for text in overrides or []]
+    for key, _ in changes:
+        if key not in SAFE_KEYS:
+            raise MMBalanceError(f"--set {key} cannot change when resuming (keys that can: {', '.join(SAFE_KEYS)})")
+    if not changes:
+        return RunConfig(raw)
+    old = RunConfig(raw)
+    for key, value in changes:
+        if key == "train.epochs" and value != old.train.epochs:
+            if old.train.scheduler == "cosine":
+                raise MMBalanceError("train.epochs cannot change with train.scheduler=cosine: its schedule spans the original epochs")
+            for name in old.parts:  # parts whose behaviour follows train.epochs keep their schedule
+                for option, pinned in part_class(name).pinned_options(old.section(name), old.train.epochs).items():
+                    set_dotted(raw, f"{name}.{option}", pinned)
+        set_dotted(raw, key, value)
+    config = RunConfig(raw)
+    atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+    return config
+
+
+def resume_run(run_dir: str | Path, quiet: bool = False, overrides: list[str] | None = None, locked: bool = False) -> dict:
     run_dir = Path(run_dir)
     if not (run_dir / "last.pt").is_file():
         raise MMBalanceError(f"nothing to resume in {run_dir}: no last.pt (start a new run with --out)")
-    config = RunConfig(load_yaml(run_dir / "config.yaml"))
-    return train_run(config, run_dir, quiet=quiet, resume=True)
+    if not (run_dir / "config.yaml").is_file():
+        raise MMBalanceError(f"cannot resume {run_dir}: its config.yaml is missing")
+    config = resumable_config(run_dir, overrides)
+    return train_run(config, run_dir, quiet=quiet, resume=True, locked=locked)
