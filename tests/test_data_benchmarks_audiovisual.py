@@ -88,7 +88,7 @@ def test_cremad_missing_and_corrupt_files(tmp_path):
     missing.unlink()
     corrupt = tmp_path / "Image-01-FPS" / "1011_DFA_HAP_XX" / "00000.jpg"
     corrupt.write_bytes(b"not a jpeg")
-    with pytest.raises(DataError, match=r"^audio file not found: .*1000_DFA_NEU_XX\{.wav,.npy,.pkl\}$"):
+    with pytest.raises(DataError, match=r"^audio file not found: .*1000_DFA_NEU_XX\{.wav,.npy\}$"):
         load("cremad", tmp_path)
     missing.with_suffix(".npy").write_bytes(b"garbage")
     with pytest.raises(DataError, match=r"^cannot read audio file .*1000_DFA_NEU_XX.npy"):
@@ -155,7 +155,7 @@ def test_ave_official_splits_classes_and_precomputed_spectrograms(tmp_path):
         load("ave", tmp_path, "ave.num_classes=null", "ave.check=decode")
 
 
-def test_kinetics_sounds_pickled_spectrograms_and_skip(tmp_path):
+def test_kinetics_sounds_cached_spectrograms_and_skip(tmp_path):
     names = ["playing drums", "singing"]
     rows = ["youtube_id,label"]
     test_rows = []
@@ -163,8 +163,7 @@ def test_kinetics_sounds_pickled_spectrograms_and_skip(tmp_path):
         for k in range(5):
             clip = f"yt{c}{k}"
             (tmp_path / "audio").mkdir(exist_ok=True)
-            with open(tmp_path / "audio" / f"{clip}.pkl", "wb") as handle:
-                pickle.dump(np.zeros((33, 126)), handle)
+            np.save(tmp_path / "audio" / f"{clip}.npy", np.zeros((33, 126)))
             write_frames(tmp_path / "frames" / clip)
             (rows if k < 4 else test_rows).append(f"{clip},{name}")
     rows.append("yt_gone,singing")  # listed, but no files

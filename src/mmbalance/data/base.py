@@ -28,6 +28,13 @@ class MultimodalDataset(Dataset):
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def input_dtype(self, modality: str) -> torch.dtype | None:
+        """What a modality's samples hold (token ids or float features), from the first sample; None if unknown."""
+        try:
+            return torch.as_tensor(self[0][modality]).dtype
+        except Exception:  # a sample that cannot be read fails later, with its own error, where it is used
+            return None
+
 
 class TensorDataset(MultimodalDataset):
     """Modalities held as tensors in memory; batched fetches are vectorised."""
@@ -41,6 +48,9 @@ class TensorDataset(MultimodalDataset):
         self.labels = labels.long()
         self.index = torch.arange(n) if index is None else index.long()
         self.modalities = list(inputs)
+
+    def input_dtype(self, modality: str) -> torch.dtype:
+        return self.inputs[modality].dtype
 
     def __getitem__(self, i: int) -> dict:
         sample: dict[str, Any] = {m: x[i] for m, x in self.inputs.items()}
@@ -69,6 +79,9 @@ class SubsetDataset(MultimodalDataset):
         self.rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
         self.labels = base.labels[self.rows]
         self.modalities = list(base.modalities)
+
+    def input_dtype(self, modality: str) -> torch.dtype:
+        return self.base.input_dtype(modality)
 
     def __getitem__(self, i: int) -> dict:
         return self.base[int(self.rows[i])]
@@ -104,6 +117,8 @@ class DataBundle:
     input_shapes: dict[str, tuple[int, ...]]
     class_names: list[str] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # int64 for token ids, float32 for features; filled by ``validate`` where a loader leaves it out.
+    input_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
 
     @classmethod
     def from_tensors(
@@ -132,7 +147,8 @@ class DataBundle:
         if labels.ndim != 1:
             raise DataError(f"labels must be 1-d (one class per sample), got shape {tuple(labels.shape)}")
         if num_classes is None:
-            num_classes = int(labels.max()) + 1 if labels.numel() else 0
+            source = "the labels given to DataBundle.from_tensors"
+            num_classes = infer_num_classes(labels.numpy(), source, "num_classes")
         if rows is None:
             rows = train_val_test(labels.numpy(), val_fraction, test_fraction, seed)
         full = TensorDataset(tensors, labels)
@@ -146,6 +162,7 @@ class DataBundle:
             input_shapes={m: tuple(x.shape[1:]) for m, x in tensors.items()},
             class_names=class_names,
             info=info or {},
+            input_dtypes={m: x.dtype for m, x in tensors.items()},
         )
 
     def split(self, name: str) -> MultimodalDataset:
@@ -161,6 +178,14 @@ class DataBundle:
             )
         if self.num_classes < 2:
             raise DataError(f"need at least 2 classes, got {self.num_classes}")
+        for m in self.modalities:
+            shape = tuple(self.input_shapes.get(m, ()))
+            if 0 in shape:
+                # Nothing to learn from, and an encoder over zero inputs trains silently on its bias.
+                raise DataError(
+                    f"modality '{m}' has samples of shape {shape}, which hold no values "
+                    "(every sample needs at least one feature)"
+                )
         for split in ("train", "val", "test"):
             data = getattr(self, split)
             if len(data) == 0:
@@ -175,6 +200,10 @@ class DataBundle:
             missing = [m for m in self.modalities if m not in data.modalities]
             if missing:
                 raise DataError(f"the {split} split has no data for modality {missing[0]!r} (expected {self.modalities})")
+        infer = getattr(self.train, "input_dtype", None)  # absent on a plain torch Dataset
+        for m in self.modalities:
+            if m not in self.input_dtypes and infer is not None and (dtype := infer(m)) is not None:
+                self.input_dtypes[m] = dtype
         return self
 
 
@@ -207,6 +236,27 @@ def select_views(inputs: dict[str, Any], views: list[str] | None, dataset: str) 
     if len(views) < 2:
         raise DataError(f"data.views must name at least 2 modalities, got {views} (available: {', '.join(available)})")
     return list(views)
+
+
+# Beyond this many classes, a largest label far above the number of distinct labels is a labelling
+# mistake (ids not renumbered 0..C-1), and the classifier heads would need absurd memory.
+MAX_SPARSE_CLASSES = 1000
+SPARSE_FACTOR = 100
+
+
+def infer_num_classes(labels: np.ndarray, source: str, option: str) -> int:
+    """The largest label + 1, refused when it is far beyond what the labels present support."""
+    if labels.size == 0:
+        return 0
+    num_classes = int(labels.max()) + 1
+    if num_classes > MAX_SPARSE_CLASSES:
+        distinct = int(np.unique(labels).size)
+        if num_classes > SPARSE_FACTOR * distinct:
+            raise DataError(
+                f"the largest label in {source} is {num_classes - 1} but only {distinct} distinct labels occur, "
+                f"which would make {num_classes} classes; relabel the classes 0..C-1 or set {option}"
+            )
+    return num_classes
 
 
 def check_labels(labels: np.ndarray, num_classes: int, source: str) -> None:

@@ -27,7 +27,18 @@ def split_seed(config) -> int:
 
 
 def load_dataset(config) -> DataBundle:
-    """Build the dataset a ``RunConfig`` names and check it before any training."""
+    """Build the dataset a ``RunConfig`` names and check it, and the encoders' fit to it, before any training."""
     plugin = DATASETS.get(config.data.name)
-    bundle = plugin.load(config)
-    return bundle.validate()
+    bundle = plugin.load(config).validate()
+    check_encoders(config.model, bundle)
+    return bundle
+
+
+def check_encoders(model_config, bundle: DataBundle) -> None:
+    """Each modality's encoder reads what the modality holds: token ids or float features."""
+    from ..models.encoders import check_encoder_input  # models import data; imported here to avoid a cycle
+
+    for m in bundle.modalities:
+        name = model_config.encoders.get(m, model_config.encoder)
+        if m in bundle.input_dtypes:
+            check_encoder_input(name, m, bundle.input_dtypes[m])

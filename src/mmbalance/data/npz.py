@@ -9,7 +9,9 @@ on load so that a bad file fails with one line instead of mid-training.
 
 from __future__ import annotations
 
+import math
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -20,7 +22,7 @@ from pydantic import Field
 from ..config import Section
 from ..errors import DataError
 from ..registry import DATASETS
-from .base import DataBundle, check_labels, select_views
+from .base import DataBundle, check_labels, infer_num_classes, select_views
 from .loading import split_seed
 from .splits import train_val_test
 
@@ -28,16 +30,82 @@ RESERVED = ("label", "split")
 SPLITS = ("train", "val", "test")
 
 
+ZIP_MAGIC = b"PK\x03\x04"
+# Deflate expands at most about 1032-fold, so a member claiming more than that is lying about its size.
+DEFLATE_RATIO = 1032
+
+
+def _array_header(member, version: tuple[int, int]) -> tuple[tuple[int, ...], np.dtype]:
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+    else:  # 3.0 (utf-8 field names) has no public reader
+        shape, _, dtype = np.lib.format._read_array_header(member, version)
+    return shape, dtype
+
+
+def check_members(path: Path) -> None:
+    """Refuse, before anything is allocated, an array that declares more data than its member holds.
+
+    numpy allocates an array's declared shape before reading its data, so a
+    few bytes declaring shape (300, 10**12) would end in MemoryError instead
+    of a line. The bound is the member's uncompressed size, itself capped by
+    its compressed size (stored: equal; deflated: at most 1032 times), which
+    must lie within the file: sizes in a zip's directory can be forged too.
+    """
+    on_disk = path.stat().st_size
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                # bzip2 and lzma have no useful bound on expansion; numpy never writes them
+                raise DataError(
+                    f"array '{name}' in {path} uses zip compression method {info.compress_type}; "
+                    "save with np.savez or np.savez_compressed (stored or deflated)"
+                )
+            with archive.open(info) as member:
+                try:
+                    shape, dtype = _array_header(member, np.lib.format.read_magic(member))
+                    header = member.tell()
+                except (ValueError, KeyError, TypeError, SyntaxError) as exc:
+                    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    raise DataError(f"member '{info.filename}' of {path} is not a .npy array: {reason}") from None
+            if dtype.hasobject:
+                raise DataError(
+                    f"array '{name}' in {path} holds Python objects, which mmbalance never unpickles; save numbers"
+                )
+            declared = math.prod(shape) * dtype.itemsize
+            if info.compress_type == zipfile.ZIP_STORED:
+                room = min(info.file_size, info.compress_size)
+            else:
+                room = min(info.file_size, info.compress_size * DEFLATE_RATIO)
+            if info.compress_size > on_disk or declared > room - header:
+                raise DataError(
+                    f"array '{name}' in {path} declares shape {shape} of {dtype} ({declared:,} bytes), "
+                    f"more than its {max(room - header, 0):,} bytes of data; the file is corrupt or forged"
+                )
+
+
 def read_npz(path: Path) -> dict[str, np.ndarray]:
     """Every array of the file, loaded now so that a corrupt member fails here."""
     try:
-        loaded = np.load(path, allow_pickle=False)
+        with open(path, "rb") as handle:
+            is_zip = handle.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+        if is_zip:
+            check_members(path)
+        # mmap: a single .npy is only looked at, not read, before it is refused
+        loaded = np.load(path, mmap_mode="r", allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise DataError(f"{path} is not a valid .npz file (it holds a single array; save with np.savez)")
         with loaded as archive:
             return {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path} is not a valid .npz file: {exc}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error,
+            NotImplementedError, RuntimeError) as exc:  # zipfile's ways of saying "corrupt"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path} is not a valid .npz file: {reason}") from None
+    except MemoryError:
+        raise DataError(f"{path} holds more data than fits in memory") from None
 
 
 def integer_labels(label: np.ndarray, path: Path) -> np.ndarray:
@@ -123,7 +191,10 @@ class NpzDataset:
                 f"{path} needs at least 2 modality arrays besides 'label' and 'split', "
                 f"found {len(modalities)}: {list(modalities)}"
             )
-        num_classes = options.num_classes if options.num_classes is not None else int(labels.max()) + 1
+        if options.num_classes is not None:
+            num_classes = options.num_classes
+        else:
+            num_classes = infer_num_classes(labels, f"'label' of {path}", "npz.num_classes")
         check_labels(labels, num_classes, str(path))
         views = select_views(modalities, config.data.views, "npz")
         tensors = {name: modality_tensor(name, modalities[name], count) for name in views}

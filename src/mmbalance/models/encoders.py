@@ -9,6 +9,7 @@ the batch and their features averaged over time.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -17,8 +18,16 @@ from ..errors import ConfigError
 from ..registry import ENCODERS
 
 
+FLOAT_ENCODERS = (
+    "mlp (vectors), cnn or resnet18 (signals, images, spectrograms, frames), transformer (sequences (T, D))"
+)
+
+
 class Encoder(nn.Module):
     """Base: knows its input shape (without the batch) and its output width."""
+
+    # True for encoders that look token ids up in a table: float features are not ids.
+    reads_token_ids: ClassVar[bool] = False
 
     def __init__(self, input_shape: tuple[int, ...], feature_dim: int):
         super().__init__()
@@ -178,7 +187,31 @@ def auto_encoder_name(input_shape: tuple[int, ...]) -> str:
     return "mlp" if len(input_shape) == 1 else "cnn"
 
 
-def build_encoder(name: str, input_shape, feature_dim: int, hidden_dim: int, dropout: float) -> Encoder:
+def check_encoder_input(name: str, modality: str, input_dtype: torch.dtype) -> None:
+    """Refuse a token-id encoder for float features, which it would otherwise truncate to ids or crash on."""
+    if name == "auto":
+        return  # auto picks by shape among the float encoders
+    cls = ENCODERS.get(name)
+    if getattr(cls, "reads_token_ids", False) and (input_dtype.is_floating_point or input_dtype.is_complex):
+        raise ConfigError(
+            f"encoder '{name}' for modality '{modality}' reads integer token ids, but '{modality}' holds "
+            f"float features ({input_dtype}); for float inputs use {FLOAT_ENCODERS}"
+        )
+
+
+def build_encoder(
+    name: str,
+    input_shape,
+    feature_dim: int,
+    hidden_dim: int,
+    dropout: float,
+    *,
+    modality: str | None = None,
+    input_dtype: torch.dtype | None = None,
+) -> Encoder:
+    """An encoder by registry name; given ``input_dtype`` (and ``modality``), its input kind is checked first."""
+    if input_dtype is not None:
+        check_encoder_input(name, modality or "?", input_dtype)
     if name == "auto":
         name = auto_encoder_name(tuple(input_shape))
     cls = ENCODERS.get(name)

@@ -60,12 +60,14 @@ def zero_out(features: dict[str, Tensor], keep: Iterable[str]) -> dict[str, Tens
     return {m: f if m in keep else torch.zeros_like(f) for m, f in features.items()}
 
 
-def build_model(model_config, modalities: list[str], input_shapes: dict[str, tuple], num_classes: int) -> MultimodalModel:
+def build_model(model_config, modalities: list[str], input_shapes: dict[str, tuple], num_classes: int,
+                input_dtypes: dict | None = None) -> MultimodalModel:
     encoders = {}
     for m in modalities:
         name = model_config.encoders.get(m, model_config.encoder)
         encoders[m] = build_encoder(
-            name, input_shapes[m], model_config.feature_dim, model_config.hidden_dim, model_config.dropout
+            name, input_shapes[m], model_config.feature_dim, model_config.hidden_dim, model_config.dropout,
+            modality=m, input_dtype=(input_dtypes or {}).get(m),
         )
     for key in ("encoders", "pretrained"):
         unknown = [m for m in getattr(model_config, key) if m not in modalities]

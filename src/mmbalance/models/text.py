@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..registry import ENCODERS
-from .encoders import Encoder
+from .encoders import FLOAT_ENCODERS, Encoder
 from .sequence import MaskedTransformer
 
 PAD_ID = 0
@@ -27,6 +27,8 @@ VOCAB_SIZE = 30000  # equals the benchmarks' tokenizer default max_vocab
 @ENCODERS.register("text")
 class TextEncoder(Encoder):
     """Token ids (L,): embedding of ``hidden_dim``, a small Transformer (or mean of embeddings), masked mean pool."""
+
+    reads_token_ids = True
 
     def __init__(
         self,
@@ -49,6 +51,11 @@ class TextEncoder(Encoder):
             self.load_pretrained(weights)
 
     def forward(self, ids: Tensor) -> Tensor:
+        if ids.is_floating_point():  # .long() would silently truncate features to ids (or index out of range)
+            raise ConfigError(
+                f"encoder 'text' reads integer token ids, but got float features of shape {tuple(ids.shape[1:])}; "
+                f"for float inputs use {FLOAT_ENCODERS}"
+            )
         ids = ids.long()
         ids = torch.where(ids >= self.vocab_size, torch.full_like(ids, UNK_ID), ids)
         valid = ids.ne(PAD_ID)

@@ -125,7 +125,8 @@ class Trainer:
         self.bundle = bundle if bundle is not None else load_dataset(config)
         self.train_data, self.heldout_data = heldout_split(self.bundle, config)
         self.model: MultimodalModel = build_model(
-            config.model, self.bundle.modalities, self.bundle.input_shapes, self.bundle.num_classes
+            config.model, self.bundle.modalities, self.bundle.input_shapes, self.bundle.num_classes,
+            self.bundle.input_dtypes,
         )
         self.method = build_method(config, self.bundle)
         self.progress = Progress(quiet, self.dist.is_main)

@@ -19,7 +19,16 @@ from ...errors import DataError
 from ...registry import DATASETS
 from ..base import DataBundle
 from ..loading import data_root
-from .common import RESNET_SGD_DEFAULTS, FileConfig, bundle_from_records, class_index, first_existing, read_rows, require_dir
+from .common import (
+    RESNET_SGD_DEFAULTS,
+    FileConfig,
+    bundle_from_records,
+    class_index,
+    first_existing,
+    inside_root,
+    read_numbered_rows,
+    require_dir,
+)
 from .media import FramesReader, Spectrogram
 
 HEADER_WORDS = {"label", "labels", "class", "emotion", "category", "name", "id", "clip", "clip_id", "youtube_id"}
@@ -49,15 +58,15 @@ class AudioVisualBenchmark:
     defaults: ClassVar[dict] = AV_DEFAULTS
 
     @classmethod
-    def parse(cls, rows: list[list[str]], path: Path) -> list[tuple[str, str]]:
-        """``(clip_id, class name)`` of each row; a header row is dropped."""
+    def parse(cls, rows: list[tuple[int, list[str]]], path: Path) -> list[tuple[str, str, int]]:
+        """``(clip_id, class name, line)`` of each numbered row; a header row is dropped."""
         pairs = []
-        for number, row in enumerate(rows, start=1):
+        for k, (number, row) in enumerate(rows):
             if len(row) < 2 or not row[0]:
                 raise DataError(f"{path} line {number} is not 'clip_id{cls.delimiter}label' (expected {cls.layout})")
-            if number == 1 and row[1].lower() in HEADER_WORDS:
+            if k == 0 and row[1].lower() in HEADER_WORDS:
                 continue
-            pairs.append((row[0], row[1]))
+            pairs.append((row[0], row[1], number))
         return pairs
 
     @classmethod
@@ -76,18 +85,23 @@ class AudioVisualBenchmark:
             what = cls.lists[missing[0]] if missing else ("an audio folder" if audio_dir is None else "a frames folder")
             raise DataError(f"{root} does not have the {cls.name} layout: no {what} (expected {cls.layout})")
         parsed = {
-            split: cls.parse(read_rows(root / file, cls.delimiter), root / file)
+            split: cls.parse(read_numbered_rows(root / file, cls.delimiter), root / file)
             for split, file in cls.lists.items()
             if (root / file).is_file()
         }
-        index = cls.classes([label for pairs in parsed.values() for _, label in pairs], options)
-        splits = {
-            split: [
-                {"audio": str(audio_dir / clip), "frames": str(frame_dir / clip), "label": index[label], "clip": clip}
-                for clip, label in pairs
+        index = cls.classes([label for pairs in parsed.values() for _, label, _ in pairs], options)
+        splits = {}
+        for split, pairs in parsed.items():
+            source = root / cls.lists[split]
+            splits[split] = [
+                {
+                    "audio": str(inside_root(root, clip, source, line, audio_dir)),
+                    "frames": str(inside_root(root, clip, source, line, frame_dir)),
+                    "label": index[label],
+                    "clip": clip,
+                }
+                for clip, label, line in pairs
             ]
-            for split, pairs in parsed.items()
-        }
         spectrogram = Spectrogram(
             "audio", options.sample_rate, options.audio_seconds, options.n_fft, options.hop_length
         )
@@ -122,7 +136,7 @@ class CremaD(AudioVisualBenchmark):
         train.csv, test.csv       rows  clip_id,EMOTION  (e.g. 1001_DFA_ANG_XX,ANG; EMOTION in
                                   NEU HAP SAD FEA DIS ANG; a header row is allowed; a row of just
                                   clip_id takes the emotion from the id; optional val.csv)
-        AudioWAV/<clip_id>.wav    (or audio/<clip_id>.{wav,npy,pkl}, a precomputed (257, T) spectrogram)
+        AudioWAV/<clip_id>.wav    (or audio/<clip_id>.{wav,npy}; .npy: a precomputed (257, T) spectrogram)
         Image-01-FPS/<clip_id>/*.jpg   (or frames/<clip_id>/, visual/<clip_id>/)
 
     Without val.csv, a stratified ``data.val_fraction`` of train (seeded by
@@ -148,9 +162,9 @@ class CremaD(AudioVisualBenchmark):
     @classmethod
     def parse(cls, rows, path):
         # A one-column list is allowed: the emotion is the third field of the clip id (1001_DFA_ANG_XX).
-        rows = [row if len(row) >= 2 else [row[0], emotion_of(row[0])] for row in rows]
+        rows = [(n, row if len(row) >= 2 else [row[0], emotion_of(row[0])]) for n, row in rows]
         pairs = super().parse(rows, path)
-        for clip, label in pairs:
+        for clip, label, _ in pairs:
             if label not in CREMAD_CLASSES:
                 raise DataError(f"{path}: clip {clip} has label {label!r} (allowed: {', '.join(CREMAD_CLASSES)})")
         return pairs
@@ -168,7 +182,7 @@ class AVE(AudioVisualBenchmark):
 
         trainSet.txt, valSet.txt, testSet.txt   rows  Category&VideoID&Quality&StartTime&EndTime
                                                 (a header row is allowed)
-        Audio-1004-SE/<VideoID>.{wav,npy,pkl}   (or audio/...; .npy/.pkl: a (257, T) spectrogram)
+        Audio-1004-SE/<VideoID>.{wav,npy}   (or audio/...; .npy: a (257, T) spectrogram)
         Image-01-FPS/<VideoID>/*.jpg            (or frames/<VideoID>/, visual/<VideoID>/)
 
     The official train/val/test lists are kept. Classes are the sorted
@@ -183,7 +197,7 @@ class AVE(AudioVisualBenchmark):
     frame_dirs = ("Image-01-FPS", "frames", "visual")
     layout = (
         "ROOT/{trainSet,valSet,testSet}.txt with rows Category&VideoID&Quality&Start&End, "
-        "ROOT/Audio-1004-SE/<VideoID>.{wav,npy,pkl} and ROOT/Image-01-FPS/<VideoID>/*.jpg"
+        "ROOT/Audio-1004-SE/<VideoID>.{wav,npy} and ROOT/Image-01-FPS/<VideoID>/*.jpg"
     )
 
     class Config(AudioVisualConfig):
@@ -192,12 +206,12 @@ class AVE(AudioVisualBenchmark):
     @classmethod
     def parse(cls, rows, path):
         pairs = []
-        for number, row in enumerate(rows, start=1):
+        for number, row in rows:
             if len(row) < 2 or not row[1]:
                 raise DataError(f"{path} line {number} is not 'Category&VideoID&...' (expected {cls.layout})")
             if row[1] == "VideoID":
                 continue
-            pairs.append((row[1], row[0]))
+            pairs.append((row[1], row[0], number))
         return pairs
 
 
@@ -208,7 +222,7 @@ class KineticsSounds(AudioVisualBenchmark):
     Layout under ``data.root``::
 
         train.csv, test.csv       rows  clip_id,class name  (a header row is allowed; optional val.csv)
-        audio/<clip_id>.{wav,npy,pkl}
+        audio/<clip_id>.{wav,npy}
         frames/<clip_id>/*.jpg    (or visual/<clip_id>/, Image-01-FPS/<clip_id>/)
 
     Classes are the sorted names; ``kinetics_sounds.num_classes`` (31) is
@@ -221,7 +235,7 @@ class KineticsSounds(AudioVisualBenchmark):
     audio_dirs = ("audio",)
     frame_dirs = ("frames", "visual", "Image-01-FPS")
     layout = (
-        "ROOT/{train,test}.csv with rows clip_id,class, ROOT/audio/<clip_id>.{wav,npy,pkl} "
+        "ROOT/{train,test}.csv with rows clip_id,class, ROOT/audio/<clip_id>.{wav,npy} "
         "and ROOT/frames/<clip_id>/*.jpg"
     )
 

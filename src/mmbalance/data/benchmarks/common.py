@@ -10,7 +10,7 @@ the middle of an epoch.
 from __future__ import annotations
 
 import csv
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
@@ -59,6 +59,10 @@ class FileDataset(MultimodalDataset):
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.index = torch.as_tensor(np.asarray(index, dtype=np.int64))
 
+    def input_dtype(self, modality: str) -> torch.dtype:
+        """A reader's declared ``dtype`` (token readers: int64); media readers give float32 features."""
+        return getattr(self.readers[modality], "dtype", torch.float32)
+
     def __getitem__(self, i: int) -> dict:
         record = self.records[i]
         sample: dict[str, Any] = {m: read(record) for m, read in self.readers.items()}
@@ -79,14 +83,51 @@ def first_existing(root: Path, candidates: Sequence[str]) -> Path | None:
     return None
 
 
-def read_rows(path: Path, delimiter: str = ",") -> list[list[str]]:
-    """Non-empty rows of a list file, fields stripped."""
+def read_numbered_rows(path: Path, delimiter: str = ",") -> list[tuple[int, list[str]]]:
+    """``(line number, fields)`` of each non-empty row of a list file, fields stripped.
+
+    The numbers are the file's own, so an error can point at the line to fix.
+    """
+    rows = []
     try:
         with open(path, newline="", encoding="utf-8") as handle:
-            rows = [[field.strip() for field in row] for row in csv.reader(handle, delimiter=delimiter)]
+            reader = csv.reader(handle, delimiter=delimiter)
+            for row in reader:
+                fields = [field.strip() for field in row]
+                if any(fields):
+                    rows.append((reader.line_num, fields))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
-    return [row for row in rows if any(row)]
+    return rows
+
+
+def read_rows(path: Path, delimiter: str = ",") -> list[list[str]]:
+    """Non-empty rows of a list file, fields stripped."""
+    return [row for _, row in read_numbered_rows(path, delimiter)]
+
+
+def inside_root(root: Path, entry: str, source: Path, line: int, base: Path | None = None) -> Path:
+    """``base / entry`` (``base`` defaults to ``root``) for a path that a list file names.
+
+    A list file is data: its entries must not make mmbalance read files
+    outside the data folder. An absolute entry or one with a ``..`` part
+    (``/`` and ``\\`` both separate parts) is refused, naming the list file
+    and the line. The check is on the entry's text, not on resolved symlinks,
+    so that media folders linked from another disk keep working, and without
+    ``..`` a symlink in the folder cannot be climbed out of.
+    """
+    try:
+        where = f"{source.relative_to(root)} line {line}"
+    except ValueError:
+        where = f"{source} line {line}"
+    if "\x00" in entry:
+        raise DataError(f"{where}: path {entry!r} has a NUL character, which no file name may hold")
+    parts = entry.replace("\\", "/").split("/")
+    if PurePosixPath(entry).is_absolute() or PureWindowsPath(entry).anchor or ".." in parts:
+        raise DataError(
+            f"{where}: path {entry!r} leaves the data folder {root} (list paths must be relative, without '..')"
+        )
+    return (root if base is None else base) / entry
 
 
 def class_index(names: Sequence[str], expected: int | None, source: str, option: str) -> dict[str, int]:

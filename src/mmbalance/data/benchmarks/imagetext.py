@@ -22,7 +22,7 @@ from ...errors import DataError
 from ...registry import DATASETS
 from ..base import DataBundle
 from ..loading import data_root
-from .common import RESNET_SGD_DEFAULTS, FileConfig, bundle_from_records, class_index, require_dir
+from .common import RESNET_SGD_DEFAULTS, FileConfig, bundle_from_records, class_index, inside_root, require_dir
 from .media import ImageReader
 from .tokenizer import MAX_VOCAB, Tokenizer
 
@@ -39,6 +39,8 @@ class ImageTextConfig(FileConfig):
 class TokenReader:
     """The token ids stored in the record when the dataset was loaded."""
 
+    dtype = torch.int64  # token ids, read by the ``text`` encoder
+
     def __call__(self, record: dict) -> torch.Tensor:
         return torch.from_numpy(record["tokens"])
 
@@ -46,7 +48,8 @@ class TokenReader:
         return None
 
 
-def read_jsonl(path: Path, layout: str) -> list[dict]:
+def read_jsonl(path: Path, layout: str) -> list[tuple[int, dict]]:
+    """``(line number, object)`` of each non-empty line, checked to have string text, img and label."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -61,7 +64,7 @@ def read_jsonl(path: Path, layout: str) -> list[dict]:
             raise DataError(f"{path} line {number} is not JSON (expected {layout})") from None
         if not isinstance(entry, dict) or any(not isinstance(entry.get(k), str) for k in ("img", "label", "text")):
             raise DataError(f"{path} line {number} lacks a string 'img', 'label' or 'text' (expected {layout})")
-        entries.append(entry)
+        entries.append((number, entry))
     return entries
 
 
@@ -87,20 +90,21 @@ class ImageTextBenchmark:
         if missing:
             raise DataError(f"{root} does not have the {cls.name} layout: no {missing[0]} (expected {cls.layout()})")
         entries = {split: read_jsonl(root / file, cls.layout()) for split, file in LIST_FILES.items()}
-        index = cls.classes([e["label"] for e in entries["train"]], options)
+        index = cls.classes([e["label"] for _, e in entries["train"]], options)
         tokenizer = Tokenizer.build(
-            (e["text"] for e in entries["train"]), options.max_length, options.min_count, options.max_vocab
+            (e["text"] for _, e in entries["train"]), options.max_length, options.min_count, options.max_vocab
         )
         splits = {}
         for split, items in entries.items():
             records = []
-            for e in items:
+            for line, e in items:
                 if e["label"] not in index:
                     raise DataError(
                         f"{root / LIST_FILES[split]}: label {e['label']!r} of {e['img']} is not a train class"
                     )
                 tokens = tokenizer.encode(e["text"])
-                records.append({"image": str(root / e["img"]), "tokens": tokens, "label": index[e["label"]]})
+                image_path = inside_root(root, e["img"], root / LIST_FILES[split], line)
+                records.append({"image": str(image_path), "tokens": tokens, "label": index[e["label"]]})
             splits[split] = records
         image = ImageReader("image", options.image_size)
         text = TokenReader()

@@ -8,7 +8,6 @@ that only checks the file is there and its header parses. Every failure is a
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,11 @@ from ...errors import DataError
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-AUDIO_SUFFIXES = (".wav", ".npy", ".pkl")
+AUDIO_SUFFIXES = (".wav", ".npy")
+PICKLE_CACHE = (
+    "is a pickled spectrogram, which mmbalance never loads (unpickling can run code); caches are .npy now: "
+    "re-run `mmbalance data prepare`, or save each array with numpy.save"
+)
 LOG_FLOOR = 1e-7
 
 
@@ -37,10 +40,11 @@ class Spectrogram:
     repeated (if short) and cut to ``seconds``, then transformed with
     ``torch.stft`` (Hann window of ``n_fft``, ``hop_length``, centred) and
     ``log(|X| + 1e-7)``, as in OGM-GE's preprocessing. A precomputed
-    spectrogram (``.npy`` or a pickled array, shape ``(F, T)`` with the same
-    F) is used as it is, cut or zero-padded to the same number of frames.
-    ``record[key]`` is the path without suffix; ``.wav``, ``.npy`` and
-    ``.pkl`` are tried in that order.
+    spectrogram (``.npy``, shape ``(F, T)`` with the same F) is used as it
+    is, cut or zero-padded to the same number of frames. ``record[key]`` is
+    the path without suffix; ``.wav`` then ``.npy`` are tried. A ``.pkl``
+    cache is refused, never unpickled: a pickle in a data folder could run
+    code, and ``.npy`` is read without pickle (``allow_pickle=False``).
     """
 
     def __init__(self, key: str = "audio", sample_rate: int = 16000, seconds: float = 3.0,
@@ -61,6 +65,9 @@ class Spectrogram:
             path = base.with_name(base.name + suffix)
             if path.is_file():
                 return path
+        stale = base.with_name(base.name + ".pkl")
+        if stale.is_file():
+            raise DataError(f"audio file {stale} {PICKLE_CACHE}")
         raise DataError(f"audio file not found: {base}{{{','.join(AUDIO_SUFFIXES)}}}")
 
     def probe(self, record: dict) -> None:
@@ -68,10 +75,8 @@ class Spectrogram:
         try:
             if path.suffix == ".wav":
                 soundfile.info(str(path))
-            elif path.suffix == ".npy":
-                np.load(path, mmap_mode="r")
             else:
-                self._precomputed(path)
+                self._precomputed(path)  # memory-mapped: reads the header, checks the shape
         except DataError:
             raise
         except Exception as exc:  # every decoder error means the same thing: an unreadable file
@@ -107,12 +112,9 @@ class Spectrogram:
         return torch.log(stft.abs() + LOG_FLOOR)
 
     def _precomputed(self, path: Path) -> np.ndarray:
+        """The cached array, memory-mapped so that a huge declared shape is checked, not allocated."""
         try:
-            if path.suffix == ".npy":
-                array = np.load(path, allow_pickle=False)
-            else:
-                with open(path, "rb") as handle:
-                    array = np.asarray(pickle.load(handle))
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as exc:
             raise DataError(f"cannot read audio file {path}: {_reason(exc)}") from None
         freqs = self.n_fft // 2 + 1
@@ -120,11 +122,13 @@ class Spectrogram:
             raise DataError(
                 f"spectrogram {path} has shape {array.shape}, expected ({freqs}, frames) for n_fft={self.n_fft}"
             )
+        if array.dtype.kind not in "biuf":
+            raise DataError(f"spectrogram {path} has dtype {array.dtype}, expected numbers")
         return array
 
     def _fit_frames(self, array: np.ndarray, path: Path) -> torch.Tensor:
         frames = self.shape[2]
-        spec = torch.as_tensor(np.nan_to_num(array.astype(np.float32)))[:, :frames]
+        spec = torch.as_tensor(np.nan_to_num(np.array(array[:, :frames], dtype=np.float32)))
         if spec.shape[1] < frames:
             spec = torch.nn.functional.pad(spec, (0, frames - spec.shape[1]))
         return spec

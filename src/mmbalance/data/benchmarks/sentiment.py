@@ -13,11 +13,12 @@ score >= 0, the "non-negative" binary accuracy of MulT's evaluation;
 ``labels: 7class`` rounds the score clipped to [-3, 3] to classes 0..6
 (-3 -> 0). Non-finite features (MOSEI's audio has -inf) become 0, so a
 time step that was all zeros stays padding for the ``transformer`` encoder.
+The pickle is read by ``safe_pickle.load_arrays``, which admits numpy arrays
+and plain data only, so a file from elsewhere cannot run code.
 """
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -30,6 +31,7 @@ from ...errors import DataError
 from ...registry import DATASETS
 from ..base import DataBundle, TensorDataset, select_views
 from ..loading import data_root
+from ..safe_pickle import load_arrays
 
 MODALITIES = ("audio", "vision", "text")
 SPLITS = {"train": "train", "val": "valid", "test": "test"}
@@ -50,12 +52,16 @@ def sentiment_classes(scores: np.ndarray, scheme: str) -> np.ndarray:
 
 
 def read_pickle(path: Path) -> dict:
+    """The MulT pickle, through the restricted unpickler: a data file must not be able to run code."""
+    return load_arrays(path)
+
+
+def as_array(value, dtype, path: Path, key: str) -> np.ndarray:
+    """``value`` as a numeric array, or one line naming the entry that is not numbers."""
     try:
-        with open(path, "rb") as handle:
-            data = pickle.load(handle, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as exc:
-        raise DataError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    return data
+        return np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{path}: '{key}' is not an array of numbers ({str(exc).splitlines()[0]})") from None
 
 
 def check_layout(data, path: Path, layout: str) -> None:
@@ -113,11 +119,15 @@ class SentimentBenchmark:
         shapes: dict[str, tuple[int, ...]] = {}
         for split, key in SPLITS.items():
             arrays = data[key]
-            scores = np.asarray(arrays["labels"], dtype=np.float64).reshape(len(arrays["labels"]), -1)[:, 0]
+            labels = as_array(arrays["labels"], np.float64, path, f"{key}/labels")
+            if labels.ndim == 0 or (labels.shape[0] and labels.size == 0):
+                raise DataError(f"{path}: '{key}/labels' has shape {labels.shape}, expected (N, 1, 1) scores")
+            scores = labels.reshape(labels.shape[0], -1)[:, 0] if labels.size else np.zeros(0)
             count = scores.shape[0]
             inputs = {}
             for m in views:
-                features = np.nan_to_num(np.asarray(arrays[m], dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+                features = as_array(arrays[m], np.float32, path, f"{key}/{m}")
+                features = np.nan_to_num(features, nan=0.0, posinf=0.0, neginf=0.0)
                 if features.ndim != 3 or features.shape[0] != count:
                     raise DataError(
                         f"{path}: '{key}/{m}' has shape {features.shape}, expected ({count}, T, D) for {count} labels"

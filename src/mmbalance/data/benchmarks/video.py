@@ -19,7 +19,16 @@ from ...errors import DataError
 from ...registry import DATASETS
 from ..base import DataBundle
 from ..loading import data_root
-from .common import RESNET_SGD_DEFAULTS, FileConfig, bundle_from_records, class_index, read_rows, require_dir
+from .common import (
+    RESNET_SGD_DEFAULTS,
+    FileConfig,
+    bundle_from_records,
+    class_index,
+    inside_root,
+    read_numbered_rows,
+    read_rows,
+    require_dir,
+)
 from .media import FramesReader, normalise_gray, pick_frames, probe_image, read_image
 
 LAYOUT = (
@@ -109,10 +118,12 @@ class UCF101:
         splits = {}
         for split, file in (("train", f"trainlist0{options.split}.txt"), ("test", f"testlist0{options.split}.txt")):
             records = []
-            for row in read_rows(lists / file, " "):
+            for line, row in read_numbered_rows(lists / file, " "):
+                inside_root(root, row[0], lists / file, line)
                 folder, video = video_name(row[0])
                 if folder not in index:
                     raise DataError(f"{lists / file}: {row[0]} is in class folder {folder!r}, which classInd.txt lacks")
+                inside_root(root, video, lists / file, line)  # 'x/...avi' names the video '..'
                 records.append({
                     "rgb": str(root / "jpegs_256" / video),
                     "flow_u": str(root / "tvl1_flow" / "u" / video),
