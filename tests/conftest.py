@@ -1,6 +1,14 @@
+import importlib
+import os
+
 import pytest
 
 from mmbalance.registry import METHODS
+
+# Parts under development (or a user's own) join the registry-wide tests:
+# MMBALANCE_IMPORT=my_parts pytest tests/test_contract.py
+for _module in filter(None, os.environ.get("MMBALANCE_IMPORT", "").split(",")):
+    importlib.import_module(_module.strip())
 
 TINY = [
     "synthetic.num_samples=240",
