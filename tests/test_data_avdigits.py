@@ -16,7 +16,6 @@ import soundfile
 import torch
 
 import mmbalance.data  # noqa: F401  (registers the datasets)
-import mmbalance.methods  # noqa: F401  (registers the default method a RunConfig needs)
 from mmbalance.config import RunConfig
 from mmbalance.data import load_dataset
 from mmbalance.data.avdigits import FILE_PATTERN, TEST_TAKES, list_recordings

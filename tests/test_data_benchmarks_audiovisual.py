@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 import mmbalance.data  # noqa: F401  (registers the datasets)
-import mmbalance.methods  # noqa: F401
 from mmbalance.config import build_config
 from mmbalance.data import load_dataset
 from mmbalance.errors import DataError

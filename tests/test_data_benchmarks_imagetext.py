@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 import mmbalance.data  # noqa: F401
-import mmbalance.methods  # noqa: F401
 from mmbalance.config import build_config
 from mmbalance.data import load_dataset
 from mmbalance.errors import DataError

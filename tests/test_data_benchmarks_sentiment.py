@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import mmbalance.data  # noqa: F401
-import mmbalance.methods  # noqa: F401
 import mmbalance.models  # noqa: F401
 from mmbalance.config import build_config
 from mmbalance.data import load_dataset

@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 
 import mmbalance.data  # noqa: F401
-import mmbalance.methods  # noqa: F401
 from mmbalance.config import build_config
 from mmbalance.data import load_dataset
 from mmbalance.errors import DataError

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 import mmbalance.data  # noqa: F401  (registers the datasets)
-import mmbalance.methods  # noqa: F401  (registers the default method a RunConfig needs)
 from mmbalance.config import RunConfig
 from mmbalance.data import fetch as fetch_module
 from mmbalance.data import load_dataset

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 import mmbalance.data  # noqa: F401  (registers the datasets)
-import mmbalance.methods  # noqa: F401  (registers the default method a RunConfig needs)
 from mmbalance.config import RunConfig
 from mmbalance.data import load_dataset
 from mmbalance.data.mnist_hog import FILE_NAME, VIEWS, MnistHogDataset

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import mmbalance.data  # noqa: F401  (registers the datasets)
-import mmbalance.methods  # noqa: F401  (registers the default method a RunConfig needs)
 from mmbalance.config import RunConfig
 from mmbalance.data import load_dataset
 from mmbalance.errors import DataError

@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 
 import mmbalance.data  # noqa: F401  (registers the datasets)
-import mmbalance.methods  # noqa: F401  (registers the default method a RunConfig needs)
 import mmbalance.models  # noqa: F401  (registers the encoders)
 from mmbalance.config import RunConfig, build_config
 from mmbalance.data import DataBundle, load_dataset
