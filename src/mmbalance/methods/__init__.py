@@ -4,6 +4,6 @@ from .base import Objective, Part, Plugin, cross_entropy
 from .compose import Method, resolve
 from .record import StepRecord
 from . import joint, unimodal, midas, cal, cal_accel, arl  # noqa: F401  (registration)
-from . import ogm_ge, opm, agm, pmr, inforeg, relearning  # noqa: F401  (gradient modulators)
+from . import ogm_ge, opm, agm, pmr, mmpareto, inforeg, relearning  # noqa: F401  (gradient modulators)
 
 __all__ = ["Method", "Objective", "Part", "Plugin", "StepRecord", "cross_entropy", "resolve"]
