@@ -106,7 +106,8 @@ def run_or_reuse(config: RunConfig, run_dir: Path, quiet: bool, log) -> dict:
     The caller holds the folder's lock, so two benches on one folder never
     train the same run twice.
     """
-    if (run_dir / "config.yaml").is_file() and ((run_dir / "metrics.json").is_file() or (run_dir / "last.pt").is_file()):
+    started = any((run_dir / name).exists() for name in ("metrics.json", "last.pt", "teachers"))
+    if (run_dir / "config.yaml").is_file() and started:
         existing = RunConfig(load_yaml(run_dir / "config.yaml"))
         mismatch = config_mismatch(existing.to_dict(), config.to_dict(), REUSABLE_KEYS)
         if mismatch:

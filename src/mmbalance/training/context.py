@@ -22,6 +22,8 @@ class TrainContext:
     loader and leaves train mode as it was. ``manual_step(loss, ...)`` is the
     manual-optimisation path: backward, cross-process averaging, the
     plugins' ``after_backward``, clipping, the optimizer step.
+    ``fit_teacher(name, module, loss, predict, epochs)`` trains a teacher
+    module inside the run, resumably (``training/teachers.py``).
     """
 
     epoch: int
@@ -43,3 +45,4 @@ class TrainContext:
     params: ParameterGroups | None = None
     evaluate: Callable[[Any], dict] | None = None
     manual_step: Callable[..., None] | None = None
+    fit_teacher: Callable[..., dict] | None = None

@@ -11,8 +11,8 @@ class Progress:
     def __init__(self, quiet: bool, enabled_rank: bool = True):
         self.show = (not quiet) and enabled_rank and sys.stderr.isatty()
 
-    def epoch_bar(self, loader, epoch: int, epochs: int):
-        return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not self.show, dynamic_ncols=True)
+    def epoch_bar(self, loader, epoch: int, epochs: int, label: str = "epoch"):
+        return tqdm(loader, desc=f"{label} {epoch + 1}/{epochs}", leave=False, disable=not self.show, dynamic_ncols=True)
 
     def set_postfix(self, bar, **values) -> None:
         if self.show:

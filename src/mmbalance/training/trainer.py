@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import RunConfig
+from ..config import load_yaml as load_yaml_file
 from ..data.base import DataBundle, carve
 from ..data.batch import collate_batch
 from ..data.loading import load_dataset, split_seed
@@ -49,6 +51,7 @@ from .checkpoint import (
 from .context import TrainContext
 from .distributed import DistributedState, ShardedShuffleSampler
 from .progress import Progress
+from .teachers import TEACHER_FOLDER, TeacherFit
 
 HELDOUT_SEED_OFFSET = 7919  # the carve's seed differs from the split's, yet is the same for every method
 RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.json", "best.pt", "last.pt")
@@ -59,8 +62,9 @@ LAST_CHECKPOINT_KEYS = ("model", "method", "optimizers", "schedulers", "state", 
 
 
 def run_files(out_dir: Path) -> list[str]:
-    """The files of a run that ``out_dir`` holds already (links included)."""
-    return [name for name in RUN_FILES if (out_dir / name).exists() or (out_dir / name).is_symlink()]
+    """The files of a run that ``out_dir`` holds already (links included), its teachers' folder too."""
+    names = [*RUN_FILES, TEACHER_FOLDER]
+    return [name for name in names if (out_dir / name).exists() or (out_dir / name).is_symlink()]
 
 
 def config_mismatch(stored: dict, current: dict, safe: tuple[str, ...] = SAFE_KEYS) -> list[tuple[str, Any, Any]]:
@@ -147,6 +151,7 @@ class Trainer:
             params=ParameterGroups.of(self.model),
             evaluate=self.evaluate_loader,
             manual_step=self.manual_step,
+            fit_teacher=TeacherFit(self),
         )
         self.method.setup(self.model, self.ctx)
         self.model.to(self.device)
@@ -436,18 +441,22 @@ class Trainer:
             check_writable(self.out_dir)
             lock = None if locked else FolderLock(self.out_dir).acquire()
         try:
-            if resume:
+            if resume and (self.out_dir / "last.pt").is_file():
                 path = self.out_dir / "last.pt"
                 self._restore(load_checkpoint(path, LAST_CHECKPOINT_KEYS), path)
                 self._write_history()  # metrics.jsonl agrees with the checkpoint, whatever a kill left
+            elif resume:  # killed while its teachers trained: they continue from their checkpoints
+                self._write_history()
             elif writes:
                 for name in run_files(self.out_dir):  # --overwrite: the user asked for it
-                    (self.out_dir / name).unlink()
+                    path = self.out_dir / name
+                    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
                 atomic_write_text(self.out_dir / "config.yaml", self.config.to_yaml())
                 self._write_history()
             return self._train_and_finish()
         except BaseException:
-            if writes and not resume and self.state["epoch"] == 0:
+            teachers_started = writes and (self.out_dir / TEACHER_FOLDER).is_dir()
+            if writes and not resume and self.state["epoch"] == 0 and not teachers_started:
                 self._remove_unfinished(created_folder)
             raise
         finally:
@@ -587,9 +596,15 @@ def resumable_config(run_dir: Path, overrides: list[str] | None = None) -> RunCo
 
 def resume_run(run_dir: str | Path, quiet: bool = False, overrides: list[str] | None = None, locked: bool = False) -> dict:
     run_dir = Path(run_dir)
-    if not (run_dir / "last.pt").is_file():
+    teachers_only = not (run_dir / "last.pt").is_file() and (run_dir / TEACHER_FOLDER).is_dir()
+    if not (run_dir / "last.pt").is_file() and not teachers_only:
         raise MMBalanceError(f"nothing to resume in {run_dir}: no last.pt (start a new run with --out)")
     if not (run_dir / "config.yaml").is_file():
         raise MMBalanceError(f"cannot resume {run_dir}: its config.yaml is missing")
+    if teachers_only:
+        if overrides:
+            raise MMBalanceError(f"{run_dir} has not finished an epoch yet; resume it without --set")
+        config = RunConfig(load_yaml_file(run_dir / "config.yaml"))
+        return train_run(config, run_dir, quiet=quiet, resume=True, locked=locked)
     config = resumable_config(run_dir, overrides)
     return train_run(config, run_dir, quiet=quiet, resume=True, locked=locked)
