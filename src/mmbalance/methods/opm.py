@@ -43,6 +43,7 @@ from torch import Tensor
 from ..registry import METHODS
 from .base import Plugin
 from .discrepancy import MultiRatio, discrepancy_ratios
+from .mixing import ROLE as FUSED_REWRITE
 from .ogm_ge import GeParams, ScoreLogits, modulate_encoders_, ogm_coefficients, scores_of, step_seed
 from .window import WindowConfig, in_window, window_bounds
 
@@ -101,6 +102,8 @@ def ogm_plus_coefficients(ratios: Tensor, rule: str, factor: float, alpha: float
 @METHODS.register("opm")
 class OPM(Plugin):
     """On-the-fly prediction modulation: drop the dominant modality's features at random (Wei et al., TPAMI 2024)."""
+
+    exclusive = (FUSED_REWRITE,)  # its dropped-feature loss takes the place of the objective's fused term
 
     class Config(WindowConfig):
         modulation_starts: int = Field(
