@@ -52,6 +52,15 @@ def check_compatible(named: list[tuple[str, type[Part]]], text: str) -> None:
         claimants = [name for name, cls in named if holds(cls)]
         if len(claimants) > 1:
             raise ConfigError(f"method '{text}' cannot combine '{claimants[0]}' and '{claimants[1]}': both {reason}")
+    manual = [name for name, cls in named if cls.manual_optimization]
+    if manual:
+        # a part that runs its own backward passes has trained before any on_forward of another part runs
+        late = [name for name, cls in named if name not in manual and cls.on_forward is not Part.on_forward]
+        if late:
+            raise ConfigError(
+                f"method '{text}' cannot combine '{manual[0]}' and '{late[0]}': '{manual[0]}' runs its own backward "
+                f"passes inside its step, so '{late[0]}' (which acts on the step's forward pass) would change nothing"
+            )
     roles: dict[str, str] = {}
     for name, cls in named:
         for role in cls.exclusive:
