@@ -12,7 +12,7 @@ the part's file, nothing else.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -20,6 +20,9 @@ from torch import Tensor
 from ..misalignment import fused_source_probabilities
 from ..registry import METRICS
 from .shapley import all_coalitions, imbalance_ratio, shapley_values
+
+if TYPE_CHECKING:
+    from .evaluate import EvalView
 
 
 class Metric:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..config import RunConfig, load_yaml
+from ..config import RunConfig
 from ..data.base import DataBundle
 from ..data.batch import collate
 from ..data.corruptions import Corruption, build_corruption

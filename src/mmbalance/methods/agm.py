@@ -60,7 +60,6 @@ from math import factorial, log
 from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
@@ -69,7 +68,7 @@ from ..evaluation.shapley import all_coalitions
 from ..models.multimodal import zero_out
 from ..registry import METHODS
 from .base import Plugin
-from .window import WindowConfig, in_window, window_bounds
+from .window import WindowConfig, in_window
 
 SCORES = "agm/scores"
 COEFFICIENTS = "agm/coefficients"
@@ -197,7 +196,6 @@ class AGM(Plugin):
 
     def __init__(self, config, modalities, num_classes):
         super().__init__(config, modalities, num_classes)
-        window_bounds(config)
         if len(self.modalities) > MANY_MODALITIES:
             warnings.warn(
                 f"agm fuses 2^M − 1 = {2 ** len(self.modalities) - 1} coalitions per step with {len(self.modalities)} modalities",

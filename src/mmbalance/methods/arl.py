@@ -37,7 +37,7 @@ from torch import Tensor
 from ..registry import METHODS
 from .base import Plugin
 from .gradient_scaling import scale_gradient_
-from .window import WindowConfig, in_window, window_bounds
+from .window import WindowConfig, in_window
 
 
 def prediction_statistics(unimodal_logits: Tensor) -> Tensor:
@@ -83,9 +83,6 @@ class ARL(Plugin):
     defaults = {"train.grad_clip": 40.0}
     auxiliary_options = ("unimodal_weight",)
 
-    def __init__(self, config, modalities, num_classes):
-        super().__init__(config, modalities, num_classes)
-        window_bounds(config)
 
     def accelerating(self, epoch: int) -> bool:
         # official: the first epoch of the window is skipped; its end stays modulation_ends

@@ -36,6 +36,7 @@ from ..data.batch import Batch
 from ..errors import ConfigError
 from ..models.multimodal import MultimodalModel
 from .record import StepRecord
+from .window import WindowConfig, window_bounds
 
 
 class Part(nn.Module):
@@ -66,6 +67,8 @@ class Part(nn.Module):
                 else f"{self.min_modalities} to {self.max_modalities}"
             )
             raise ConfigError(f"{self.name} needs {allowed} modalities (the dataset has {count}: {', '.join(self.modalities)})")
+        if isinstance(config, WindowConfig):
+            window_bounds(config)  # an empty modulation window is refused before training, for every part
 
     @classmethod
     def pinned_options(cls, config: Section, epochs: int) -> dict[str, Any]:

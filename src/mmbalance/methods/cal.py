@@ -34,7 +34,7 @@ from ..registry import METHODS
 from .base import Objective, cross_entropy
 from .contribution import LOGGED, ContributionConfig, ContributionTracker, EpochMeans
 from .gradient_scaling import scale_gradient_
-from .window import in_window, window_bounds
+from .window import in_window
 
 ROLE = "contribution_acceleration"
 
@@ -65,7 +65,6 @@ class CAL(Objective):
 
     def __init__(self, config, modalities, num_classes):
         super().__init__(config, modalities, num_classes)
-        window_bounds(config)
         self.tracker = ContributionTracker(config, self.modalities, num_classes)
         self.mu = nn.ModuleDict()
         self.logvar = nn.ModuleDict()

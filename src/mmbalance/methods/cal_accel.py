@@ -18,7 +18,7 @@ from .base import Plugin
 from .cal import ROLE
 from .contribution import LOGGED, ContributionConfig, ContributionTracker, EpochMeans
 from .gradient_scaling import scale_gradient_
-from .window import in_window, window_bounds
+from .window import in_window
 
 
 @METHODS.register("cal_accel")
@@ -31,7 +31,6 @@ class CALAcceleration(Plugin):
 
     def __init__(self, config, modalities, num_classes):
         super().__init__(config, modalities, num_classes)
-        window_bounds(config)
         self.tracker = ContributionTracker(config, self.modalities, num_classes)
         self.epoch_means = EpochMeans()
 

@@ -28,7 +28,7 @@ from torch import Tensor
 from ..models.readouts import coalition_logits
 from ..registry import METHODS
 from .base import Objective, cross_entropy
-from .window import WindowConfig, in_window, window_bounds
+from .window import WindowConfig, in_window
 
 
 # -- the method's core, usable on plain tensors --------------------------------------------------
@@ -96,7 +96,6 @@ class CML(Objective):
 
     def __init__(self, config, modalities, num_classes):
         super().__init__(config, modalities, num_classes)
-        window_bounds(config)
         # π as modality slots; identity until the first draw
         self.register_buffer("removal_order", torch.arange(len(self.modalities)))
 

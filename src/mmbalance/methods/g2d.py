@@ -205,7 +205,6 @@ class G2D(Objective):
 
     def __init__(self, config, modalities, num_classes):
         super().__init__(config, modalities, num_classes)
-        window_bounds(config)
         check_teacher_config(config, self.modalities, self.name)
 
     @classmethod

@@ -34,7 +34,6 @@ from .g2d import (
     teacher_pinned,
 )
 from .unimodal_teachers import TeacherConfig, UnimodalTeachers, check_teacher_config, teacher_epochs
-from .window import window_bounds
 
 
 def published_confidence(record, part: str) -> Tensor | None:
@@ -61,7 +60,6 @@ class G2DSMP(Plugin):
 
     def __init__(self, config, modalities, num_classes):
         super().__init__(config, modalities, num_classes)
-        window_bounds(config)
         check_teacher_config(config, self.modalities, self.name)
 
     @classmethod

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..registry import METHODS
 from .base import Plugin, cross_entropy
-from .window import WindowConfig, in_window, window_bounds
+from .window import WindowConfig, in_window
 
 #: epochs of trace history kept: the code variant's rule reads T[t−11] .. T[t−1]
 HISTORY = 11
@@ -200,7 +200,6 @@ class InfoReg(Plugin):
 
     def __init__(self, config, modalities, num_classes):
         super().__init__(config, modalities, num_classes)
-        window_bounds(config)
         count = len(self.modalities)
         if config.variant == "code" and count != 2:
             raise ConfigError(

@@ -30,7 +30,7 @@ from torch import Tensor
 from ..models.readouts import modality_scores, true_class_probability
 from ..registry import METHODS
 from .base import Objective, cross_entropy
-from .window import WindowConfig, in_window, window_bounds
+from .window import WindowConfig, in_window
 
 
 # -- the method's core, usable on plain tensors --------------------------------------------------
@@ -154,9 +154,6 @@ class MBSD(Objective):
             "p_w[y]·(log p_w[y] − p_s[y]) (not a divergence; for reproduction)",
         )
 
-    def __init__(self, config, modalities, num_classes):
-        super().__init__(config, modalities, num_classes)
-        window_bounds(config)
 
     def training_step(self, model, batch, ctx):
         features = self.encode(model, batch.inputs)

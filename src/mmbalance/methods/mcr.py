@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..registry import METHODS
 from .base import Plugin
-from .window import WindowConfig, in_window, window_bounds
+from .window import WindowConfig, in_window
 
 
 # -- the core, on plain tensors ---------------------------------------------------------------------
@@ -225,7 +225,6 @@ class MCR(Plugin):
 
     def __init__(self, config, modalities, num_classes):
         super().__init__(config, modalities, num_classes)
-        window_bounds(config)
         self.sets = permuted_sets(len(self.modalities), config.permuted_sets)
 
     def setup(self, model, ctx):

@@ -60,7 +60,6 @@ class MIDAS(Objective):
 
     def __init__(self, config, modalities, num_classes):
         super().__init__(config, modalities, num_classes)
-        window_bounds(config)
         self.misalignment = MisalignmentLoss(
             self.modalities,
             weak_weighting=config.weak_weighting,

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..misalignment import misaligned_features
 from .base import Plugin
-from .window import WindowConfig, in_window, window_bounds
+from .window import WindowConfig, in_window
 
 #: how finely the mixing coefficient is drawn (see ``draw_lambdas``)
 Granularity = Literal["batch", "modality", "dimension"]
@@ -199,9 +199,6 @@ class MixingPlugin(Plugin):
     auxiliary_options = ("weight",)
     exclusive = (ROLE,)
 
-    def __init__(self, config, modalities, num_classes):
-        super().__init__(config, modalities, num_classes)
-        window_bounds(config)
 
     def granularity(self) -> Granularity:
         raise NotImplementedError

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from ..registry import METHODS
 from .base import Plugin, cross_entropy
-from .window import WindowConfig, in_window, window_bounds
+from .window import WindowConfig, in_window
 
 #: record.shared key: the flattened unimodal gradient of every encoder, from on_forward to after_backward
 GRADIENT = "mmpareto/unimodal_gradient"
@@ -169,7 +169,6 @@ class MMPareto(Plugin):
 
     def __init__(self, config, modalities, num_classes):
         super().__init__(config, modalities, num_classes)
-        window_bounds(config)
         self._heads: dict[str, nn.Module] = {}  # a handle on the model's heads (a plain dict: not part of the state)
 
     def setup(self, model, ctx):

@@ -37,7 +37,7 @@ from ..models.readouts import modality_scores
 from ..registry import METHODS
 from .base import Plugin
 from .discrepancy import MultiRatio, discrepancy_ratios
-from .window import WindowConfig, in_window, window_bounds
+from .window import WindowConfig, in_window
 
 #: added to the per-tensor gradient std, so a constant gradient still gets (tiny) noise (official)
 NOISE_FLOOR = 1e-8
@@ -148,9 +148,6 @@ class OGMGE(Plugin):
             "fusion", description="scores from the fusion-restricted logits d_m (paper) or the unimodal heads"
         )
 
-    def __init__(self, config, modalities, num_classes):
-        super().__init__(config, modalities, num_classes)
-        window_bounds(config)
 
     @property
     def key(self) -> str:

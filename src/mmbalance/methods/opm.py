@@ -45,7 +45,7 @@ from .base import Plugin
 from .discrepancy import MultiRatio, discrepancy_ratios
 from .mixing import ROLE as FUSED_REWRITE
 from .ogm_ge import GeParams, ScoreLogits, modulate_encoders_, ogm_coefficients, scores_of, step_seed
-from .window import WindowConfig, in_window, window_bounds
+from .window import WindowConfig, in_window
 
 #: the objective's loss term that OPM recomputes on the dropped features
 FUSED_TERM = "fused"
@@ -140,9 +140,6 @@ class OPM(Plugin):
         )
         plus_factor: float = Field(4.0, gt=0, le=1000, description="OGM_plus: constant factor (official 4)")
 
-    def __init__(self, config, modalities, num_classes):
-        super().__init__(config, modalities, num_classes)
-        window_bounds(config)
 
     @property
     def key(self) -> str:

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from ..models.readouts import modality_scores
 from ..registry import METHODS
 from .base import Plugin, cross_entropy
-from .window import WindowConfig, in_window, window_bounds
+from .window import WindowConfig, in_window
 
 SEED_OFFSET = 0x504D52  # the subset draw differs from every other use of the run's seed
 
@@ -177,7 +177,6 @@ class PMR(Plugin):
 
     def __init__(self, config, modalities, num_classes):
         super().__init__(config, modalities, num_classes)
-        window_bounds(config)
         self.register_buffer("passes", torch.zeros((), dtype=torch.long))  # prototype passes made so far
         self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))  # classes with a prototype
         self.register_buffer("last_pass", torch.zeros(2))  # samples read, classes missing from the last pass

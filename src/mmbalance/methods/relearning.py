@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..registry import METHODS
 from .base import Plugin
-from .window import WindowConfig, in_window, window_bounds
+from .window import WindowConfig, in_window
 
 SETS = ("train", "heldout")
 
@@ -205,7 +205,6 @@ class ReLearning(Plugin):
 
     def __init__(self, config, modalities, num_classes):
         super().__init__(config, modalities, num_classes)
-        window_bounds(config)
         # re-initialisations done so far, and the last diagnosis (for the logs and the record)
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
         self.register_buffer("purities", torch.zeros(len(SETS), len(self.modalities), dtype=torch.float64))

@@ -38,7 +38,7 @@ from torch import Tensor
 from ..registry import METHODS
 from .base import Objective, cross_entropy
 from .unimodal_teachers import TeacherConfig, UnimodalTeachers, check_teacher_config, teacher_epochs
-from .window import WindowConfig, in_window, window_bounds
+from .window import WindowConfig, in_window
 
 
 # -- the rules, on plain tensors ------------------------------------------------------------------
@@ -114,9 +114,6 @@ class UMT(_TeacherObjective):
             0, ge=0, description="first epoch (0-based) with the distillation term (paper: 0; BMM applies it in its window)"
         )
 
-    def __init__(self, config, modalities, num_classes):
-        super().__init__(config, modalities, num_classes)
-        window_bounds(config)
 
     def training_step(self, model, batch, ctx):
         features = self.encode(model, batch.inputs)
