@@ -160,7 +160,7 @@ class UnimodalTeachers(nn.Module):
         for k, m in enumerate(self.modalities):
             teacher = self.teachers[m]
             if m in self.loaded:
-                self.accuracy[k] = heldout_accuracy(teacher, m, ctx)
+                self.accuracy[k] = ctx.fit_teacher.accuracy(teacher, lambda t, batch, m=m: t(batch.inputs[m]))
                 continue
             summary = ctx.fit_teacher(
                 TEACHER_PREFIX + m, teacher,
@@ -196,15 +196,3 @@ class UnimodalTeachers(nn.Module):
     def logs(self, prefix: str) -> dict[str, float]:
         """Per-epoch logs: each teacher's held-out accuracy (0 until trained)."""
         return {f"{prefix}/teacher_accuracy/{m}": float(a) for m, a in zip(self.modalities, self.accuracy.tolist())}
-
-
-@torch.no_grad()
-def heldout_accuracy(teacher: nn.Module, modality: str, ctx) -> float:
-    """A loaded teacher's accuracy on the held-out data (never test), summed over processes."""
-    counts = torch.zeros(2, dtype=torch.float64, device=ctx.device)
-    for batch in ctx.heldout_loader:
-        batch = batch.to(ctx.device)
-        counts[0] += (teacher(batch.inputs[modality]).argmax(-1) == batch.labels).sum()
-        counts[1] += len(batch)
-    counts = ctx.dist.all_reduce_sum(counts).tolist()
-    return counts[0] / max(counts[1], 1)

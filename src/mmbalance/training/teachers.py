@@ -107,7 +107,9 @@ class TeacherFit:
 
     @torch.no_grad()
     def accuracy(self, module: nn.Module, predict: Callable[[nn.Module, Batch], Tensor]) -> float:
+        """Accuracy of ``predict(module, batch)`` on the held-out data (never test), summed over processes."""
         trainer = self.trainer
+        was_training = module.training
         module.eval()
         counts = torch.zeros(2, dtype=torch.float64, device=trainer.device)
         for batch in trainer.heldout_loader:
@@ -115,5 +117,5 @@ class TeacherFit:
             counts[0] += (predict(module, batch).argmax(-1) == batch.labels).sum()
             counts[1] += len(batch)
         counts = trainer.dist.all_reduce_sum(counts).tolist()
-        module.train()
+        module.train(was_training)
         return counts[0] / max(counts[1], 1)
