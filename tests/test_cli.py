@@ -47,9 +47,14 @@ def test_train_then_eval(tmp_path, capsys):
 
 
 def test_list(capsys):
-    for what, expected in [("methods", "joint"), ("datasets", "synthetic"), ("encoders", "resnet18"), ("fusions", "film")]:
+    for what, expected in [("methods", "joint"), ("datasets", "synthetic"), ("encoders", "resnet18"), ("fusions", "film"),
+                           ("corruptions", "gaussian"), ("metrics", "misalignment")]:
         assert run_cli("list", what) == 0
         assert expected in capsys.readouterr().out
+    assert run_cli("list", "methods") == 0
+    listed = capsys.readouterr().out.splitlines()
+    kinds = {line.split()[0]: line.split()[1] for line in listed}
+    assert kinds["midas"] == "objective" and kinds["arl"] == "plugin"
 
 
 def test_bench_writes_results_and_summary_and_skips_finished_runs(tmp_path, capsys):
