@@ -24,7 +24,7 @@ from mmbalance.registry import METHODS
 from mmbalance.training import Trainer, resume_run, train_run
 
 BUILT_IN = [name for name in METHODS.names() if not name.startswith("_")]
-COMPOSITIONS = ["midas+arl", "midas+cal_accel", "joint[unimodal_weight=1]+arl+cal_accel", "cal+arl"]
+COMPOSITIONS = ["midas+arl", "midas+cal_accel", "joint[unimodal_weight=1]+arl+cal_accel", "cal+arl", "joint+smv[warmup_epochs=1]"]
 SPECS = BUILT_IN + COMPOSITIONS
 
 TINY = [

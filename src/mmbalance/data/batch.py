@@ -18,6 +18,7 @@ class Batch:
     index: Tensor
     extras: dict[str, Any] = field(default_factory=dict)
     weight: Tensor | None = None  # per-sample loss weights a plugin may set before the step
+    keep: Tensor | None = None  # B × M booleans from an epoch plan: the modalities each sample keeps
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -36,6 +37,7 @@ class Batch:
                 for k, v in self.extras.items()
             },
             weight=None if self.weight is None else self.weight.to(device, non_blocking=non_blocking),
+            keep=None if self.keep is None else self.keep.to(device, non_blocking=non_blocking),
         )
 
 

@@ -10,6 +10,7 @@ modules it adds in ``setup`` are trained and checkpointed like the model.
 Order of calls in one optimisation step (``Method`` runs them for every
 part, the objective first, then the plugins in the order of the spec)::
 
+    (epoch start) part.epoch_plan(model, ctx)  # at most one part: which samples and modalities
     part.before_step(batch, ctx)              # e.g. set batch.weight
     record = objective.training_step(model, batch, ctx)
     part.on_forward(record, ctx)              # read the record, add loss terms, hook gradients
@@ -33,8 +34,9 @@ from torch import Tensor, nn
 
 from ..config import Section
 from ..data.batch import Batch
+from ..data.plan import EpochPlan
 from ..errors import ConfigError
-from ..models.multimodal import MultimodalModel
+from ..models.multimodal import MultimodalModel, keep_features
 from .record import StepRecord
 from .window import WindowConfig, window_bounds
 
@@ -90,6 +92,10 @@ class Part(nn.Module):
         return cls.predict_from_features is not Part.predict_from_features and cls.predict_from_features is not Objective.predict_from_features
 
     @classmethod
+    def plans_epochs(cls) -> bool:
+        return cls.epoch_plan is not Part.epoch_plan
+
+    @classmethod
     def drives_optimizer(cls) -> bool:
         return cls.manual_optimization or cls.configure_optimizers is not Part.configure_optimizers
 
@@ -109,6 +115,15 @@ class Part(nn.Module):
 
     def on_epoch_start(self, model: MultimodalModel, ctx: Any) -> None:
         pass
+
+    def epoch_plan(self, model: MultimodalModel, ctx: Any) -> Optional[EpochPlan]:
+        """Which training samples this epoch visits and which modalities each keeps (``data/plan.py``).
+
+        Called after ``on_epoch_start``; None trains on every sample once. The
+        plan must follow from the part's state, so a resumed run plans alike.
+        At most one part of a run may plan epochs.
+        """
+        return None
 
     def before_step(self, batch: Batch, ctx: Any) -> None:
         """Before the forward pass: e.g. set ``batch.weight`` (per-sample loss weights)."""
@@ -139,6 +154,9 @@ class Objective(Part):
     """The part that defines the loss and how the model is read; every run has exactly one."""
 
     kind = "objective"
+    #: the objective zeroes, per sample, the features of modalities ``batch.keep`` drops (``encode_batch``),
+    #: so it can train on an epoch plan that keeps only some modalities of a sample
+    honours_keep: ClassVar[bool] = False
 
     def training_step(self, model: MultimodalModel, batch: Batch, ctx: Any) -> StepRecord:
         raise NotImplementedError
@@ -146,6 +164,10 @@ class Objective(Part):
     # -- how this objective reads the model --------------------------------------
     def encode(self, model: MultimodalModel, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         return model.encode(inputs)
+
+    def encode_batch(self, model: MultimodalModel, batch: Batch) -> dict[str, Tensor]:
+        """The batch's features, with those of the modalities ``batch.keep`` drops zeroed."""
+        return keep_features(self.encode(model, batch.inputs), batch.keep, self.modalities)
 
     def fuse(self, model: MultimodalModel, features: dict[str, Tensor]) -> Tensor:
         return model.fuse(features)

@@ -81,6 +81,8 @@ def draw_order(count: int, generator: torch.Generator) -> Tensor:
 class CML(Objective):
     """Calibrating multimodal learning: penalise confidence that rises when modalities are removed (Ma et al., ICML 2023)."""
 
+    honours_keep = True
+
     class Config(WindowConfig):
         lam: float = Field(
             0.1, ge=0, description="λ, weight of the confidence-increase penalty (BalanceMM 0.1; paper value unverified)"
@@ -111,7 +113,7 @@ class CML(Objective):
     def training_step(self, model, batch, ctx):
         # read before any kernel of this step is queued: the copy to the host then waits for nothing
         slots = self._draw(ctx) if self.config.order == "step" else self.removal_order.tolist()
-        features = self.encode(model, batch.inputs)
+        features = self.encode_batch(model, batch)
         logits = self.fuse(model, features)
         record = self.record(model, batch, features, logits=logits)
         probe, record.unimodal = self.probe_loss(model, features, batch.labels)

@@ -6,7 +6,9 @@ order (objective first, then plugins as written) and is what the trainer
 and evaluation talk to. The rules, each refused with one line naming both
 parts: exactly one objective; at most one part that drives the optimizer
 (manual optimisation or its own optimizers); at most one part that
-overrides the prediction; at most one part per ``exclusive`` role.
+overrides the prediction; at most one part per ``exclusive`` role; at most one part that plans the
+epochs (``epoch_plan``), and only with an objective that honours
+``batch.keep``.
 """
 
 from __future__ import annotations
@@ -47,11 +49,21 @@ def check_compatible(named: list[tuple[str, type[Part]]], text: str) -> None:
     rules = [
         ("drive the optimizer", lambda cls: cls.drives_optimizer()),
         ("override the prediction", lambda cls: cls.overrides_prediction()),
+        ("plan the epochs", lambda cls: cls.plans_epochs()),
     ]
     for reason, holds in rules:
         claimants = [name for name, cls in named if holds(cls)]
         if len(claimants) > 1:
             raise ConfigError(f"method '{text}' cannot combine '{claimants[0]}' and '{claimants[1]}': both {reason}")
+    planners = [name for name, cls in named if cls.plans_epochs()]
+    objective_name, objective = named[0]
+    if planners and issubclass(objective, Objective) and not objective.honours_keep:
+        keeping = ", ".join(n for n in objective_names() if part_class(n).honours_keep)
+        raise ConfigError(
+            f"method '{text}' cannot combine '{objective_name}' and '{planners[0]}': '{planners[0]}' trains on copies "
+            f"of samples that keep only some modalities, which '{objective_name}' does not honour; "
+            f"objectives that do: {keeping or 'none'}"
+        )
     manual = [name for name, cls in named if cls.manual_optimization]
     if manual:
         # a part that runs its own backward passes has trained before any on_forward of another part runs
@@ -122,6 +134,13 @@ class Method(nn.Module):
     def setup(self, model, ctx) -> None:
         for part in self:
             part.setup(model, ctx)
+
+    def epoch_plan(self, model, ctx):
+        for part in self:
+            plan = part.epoch_plan(model, ctx)
+            if plan is not None:
+                return plan
+        return None
 
     def configure_optimizers(self, model, ctx) -> dict[str, Any] | None:
         for part in self:

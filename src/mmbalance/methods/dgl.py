@@ -98,6 +98,8 @@ def dgl_loss(fused: Tensor, unimodal: Tensor, labels: Tensor, alpha: float,
 class DGL(Objective):
     """Disentangled gradient learning: fusion head from the fused loss, encoders from unimodal losses (Wei et al., ICCV 2025)."""
 
+    honours_keep = True
+
     class Config(Section):
         alpha: float = Field(
             4.0, ge=0, le=1000,
@@ -114,7 +116,7 @@ class DGL(Objective):
     defaults = {"train.grad_clip": 40.0}
 
     def training_step(self, model, batch, ctx):
-        features = self.encode(model, batch.inputs)
+        features = self.encode_batch(model, batch)
         fused = self.fuse(model, {m: f.detach() for m, f in features.items()})
         probe, heads = self.probe_loss(model, features, batch.labels)
         frozen = constant_fusion(model.fusion)

@@ -195,6 +195,8 @@ def teacher_pinned(config: TeacherConfig, epochs: int) -> dict:
 class G2D(Objective):
     """Gradient-guided distillation from unimodal teachers with modality prioritization (Rakib & Bagavathi, ICCV 2025)."""
 
+    honours_keep = True
+
     class Config(SMPConfig, TeacherConfig):
         feature_weight: float = Field(1.0, ge=0, description="λ_f, weight of each Σ_m MSE(f_m, f^T_m) term (code: 1)")
         logit_weight: float = Field(1.0, ge=0, description="λ_l, weight of each τ² KL(p(l^T_m/τ) ‖ p(z/τ)) term (code: 1)")
@@ -223,7 +225,7 @@ class G2D(Objective):
         return self.config.smp and smp_active(self.config, ctx.epoch, ctx.max_epochs)
 
     def training_step(self, model, batch, ctx):
-        features = self.encode(model, batch.inputs)
+        features = self.encode_batch(model, batch)
         logits = self.fuse(model, features)
         outputs = self.teachers.outputs(batch.inputs)
         probe, unimodal = self.probe_loss(model, features, batch.labels)

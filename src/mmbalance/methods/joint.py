@@ -13,6 +13,8 @@ from .base import Objective, cross_entropy
 class Joint(Objective):
     """Fused cross-entropy (optionally plus the unimodal heads' losses); the default objective."""
 
+    honours_keep = True
+
     class Config(Section):
         unimodal_weight: float = Field(
             0.0,
@@ -21,7 +23,7 @@ class Joint(Objective):
         )
 
     def training_step(self, model, batch, ctx):
-        features = self.encode(model, batch.inputs)
+        features = self.encode_batch(model, batch)
         logits = self.fuse(model, features)
         record = self.record(model, batch, features, logits=logits)
         record.add_loss("fused", cross_entropy(logits, batch))

@@ -184,6 +184,8 @@ class LFM(Objective):
     backwards on a training batch, in eval mode.
     """
 
+    honours_keep = True
+
     class Config(Section):
         alignment: Alignment = Field(
             "contrastive",
@@ -290,7 +292,7 @@ class LFM(Objective):
 
     # -- one step ---------------------------------------------------------------------------------------------
     def training_step(self, model, batch, ctx):
-        features = self.encode(model, batch.inputs)
+        features = self.encode_batch(model, batch)
         logits = self.fuse(model, features)
         probe, unimodal = self.probe_loss(model, features, batch.labels)
         record = self.record(model, batch, features, logits=logits, unimodal=unimodal)

@@ -127,6 +127,8 @@ def mbsd_losses(unimodal: Tensor, labels: Tensor, rs_space: str = "logits", vari
 class MBSD(Objective):
     """Balanced self-distillation: per sample the more confident modality teaches the other (BalanceMM's MBSD)."""
 
+    honours_keep = True
+
     class Config(WindowConfig):
         unimodal_weight: float = Field(1.0, ge=0, description="weight of Σ_m CE(d_m), the unimodal cross-entropies")
         rs_weight: float = Field(
@@ -156,7 +158,7 @@ class MBSD(Objective):
 
 
     def training_step(self, model, batch, ctx):
-        features = self.encode(model, batch.inputs)
+        features = self.encode_batch(model, batch)
         logits = self.fuse(model, features)
         record = self.record(model, batch, features, logits=logits)
         record.add_loss("fused", cross_entropy(logits, batch))

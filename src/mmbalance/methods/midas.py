@@ -29,6 +29,8 @@ STATS = "midas/stats"
 class MIDAS(Objective):
     """Misaligned-sample augmentation with confidence soft labels (Hwang et al., NeurIPS 2025)."""
 
+    honours_keep = True
+
     class Config(WindowConfig):
         level: Literal["feature", "input"] = Field(
             "feature",
@@ -95,7 +97,7 @@ class MIDAS(Objective):
             self.misalignment.reset_alpha()
 
     def training_step(self, model, batch, ctx):
-        features = self.encode(model, batch.inputs)
+        features = self.encode_batch(model, batch)
         heads = self.heads(model, features)
         unimodal_losses = [cross_entropy(heads[m], batch) for m in self.modalities]
         # the paper sums the unimodal losses; the authors' code averages them over modalities

@@ -96,6 +96,8 @@ def nce_loss(f1: Tensor, f2: Tensor, labels: Tensor, temperature: float = 0.1) -
 class MMCosine(Objective):
     """Scaled per-modality cosine logits, no bias: norms cannot make a modality dominate (Xu et al., ICASSP 2023)."""
 
+    honours_keep = True
+
     class Config(Section):
         scale: float = Field(10.0, gt=0, description="s, the scale of the cosine logits (10 in the authors' code, 15 in BalanceMM)")
         weights: Literal["fusion", "heads", "own"] = Field(
@@ -187,7 +189,7 @@ class MMCosine(Objective):
 
     # -- one step -----------------------------------------------------------------------------------
     def training_step(self, model, batch, ctx):
-        features = self.encode(model, batch.inputs)
+        features = self.encode_batch(model, batch)
         per_modality = self.modality_logits(model, features)
         logits = per_modality.sum(0)
         record = self.record(model, batch, features, logits=logits)

@@ -84,6 +84,8 @@ def ensemble_logits(logits: dict[str, Tensor], mode: str = "probabilities") -> T
 class _TeacherObjective(Objective):
     """What UMT and UME share: the teachers, built in ``setup`` and trained at the first epoch start."""
 
+    honours_keep = True
+
     def __init__(self, config, modalities, num_classes):
         super().__init__(config, modalities, num_classes)
         check_teacher_config(config, self.modalities, self.name)
@@ -116,7 +118,7 @@ class UMT(_TeacherObjective):
 
 
     def training_step(self, model, batch, ctx):
-        features = self.encode(model, batch.inputs)
+        features = self.encode_batch(model, batch)
         logits = self.fuse(model, features)
         record = self.record(model, batch, features, logits=logits)
         record.add_loss("fused", cross_entropy(logits, batch))
@@ -155,7 +157,7 @@ class UME(_TeacherObjective):
         return self.fuse(model, features)
 
     def training_step(self, model, batch, ctx):
-        features = self.encode(model, batch.inputs)
+        features = self.encode_batch(model, batch)
         logits = self.fuse(model, features)
         record = self.record(model, batch, features, logits=logits, unimodal=self.heads(model, features))
         # nothing to train: the ensemble's CE is recorded as the loss, a leaf reaching no parameter

@@ -60,6 +60,13 @@ def zero_out(features: dict[str, Tensor], keep: Iterable[str]) -> dict[str, Tens
     return {m: f if m in keep else torch.zeros_like(f) for m, f in features.items()}
 
 
+def keep_features(features: dict[str, Tensor], keep: Tensor | None, modalities: list[str]) -> dict[str, Tensor]:
+    """Per sample, zero the features of the modalities ``keep`` (B × M, in ``modalities`` order) drops."""
+    if keep is None:
+        return features
+    return {m: f * keep[:, modalities.index(m)].to(f.dtype).view(-1, *([1] * (f.dim() - 1))) for m, f in features.items()}
+
+
 def build_model(model_config, modalities: list[str], input_shapes: dict[str, tuple], num_classes: int,
                 input_dtypes: dict | None = None) -> MultimodalModel:
     encoders = {}

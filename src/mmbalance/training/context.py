@@ -24,6 +24,8 @@ class TrainContext:
     plugins' ``after_backward``, clipping, the optimizer step.
     ``fit_teacher(name, module, loss, predict, epochs)`` trains a teacher
     module inside the run, resumably (``training/teachers.py``).
+    ``encode(inputs)`` and ``predict_from_features(features)`` read the model
+    as the run does (valuation passes that must score what the run predicts).
     """
 
     epoch: int
@@ -46,3 +48,6 @@ class TrainContext:
     evaluate: Callable[[Any], dict] | None = None
     manual_step: Callable[..., None] | None = None
     fit_teacher: Callable[..., dict] | None = None
+    #: the run's reading of the model: its objective's encode, and its prediction from features
+    encode: Callable[[dict], dict] | None = None
+    predict_from_features: Callable[[dict], torch.Tensor] | None = None

@@ -31,6 +31,7 @@ from ..config import load_yaml as load_yaml_file
 from ..data.base import DataBundle, carve
 from ..data.batch import collate_batch
 from ..data.loading import load_dataset, split_seed
+from ..data.plan import PlannedDataset
 from ..errors import ConfigError, MMBalanceError, NonFiniteLossError
 from ..evaluation.evaluate import evaluate
 from ..files import FolderLock, atomic_write_json, atomic_write_text
@@ -152,6 +153,8 @@ class Trainer:
             evaluate=self.evaluate_loader,
             manual_step=self.manual_step,
             fit_teacher=TeacherFit(self),
+            encode=lambda inputs: self.method.encode(self.model, inputs),
+            predict_from_features=lambda features: self.method.predict_from_features(self.model, features),
         )
         self.method.setup(self.model, self.ctx)
         self.model.to(self.device)
@@ -229,6 +232,20 @@ class Trainer:
         self.heldout_loader = fixed(self.heldout_data)
         self.val_loader = fixed(self.bundle.val)
         self.test_loader = fixed(self.bundle.test)
+
+    def _epoch_loader(self, epoch: int) -> DataLoader:
+        """The training loader, or this epoch's planned one when a part plans the epoch (``data/plan.py``)."""
+        plan = self.method.epoch_plan(self.model, self.ctx)
+        if plan is None:
+            return self.train_loader
+        try:
+            plan = plan.check(len(self.train_data), len(self.bundle.modalities))
+        except ValueError as error:
+            raise MMBalanceError(f"the method's epoch plan is invalid: {error}") from None
+        d = self.dist
+        sampler = ShardedShuffleSampler(len(plan.rows), self.config.seed, d.rank, d.world_size)
+        sampler.set_epoch(epoch)
+        return self._loader(PlannedDataset(self.train_data, plan), self.config.train.batch_size, sampler)
 
     # -- evaluation ----------------------------------------------------------
     def evaluate_loader(self, loader) -> dict:
@@ -358,13 +375,17 @@ class Trainer:
         self.train_sampler.set_epoch(epoch)
         ctx = self.ctx
         ctx.epoch = epoch
+        ctx.train_loader, ctx.steps_per_epoch = self.train_loader, len(self.train_loader)
         self.method.on_epoch_start(self.model, ctx)
+        loader = self._epoch_loader(epoch)
+        ctx.train_loader = loader
+        ctx.steps_per_epoch = len(loader)
         device = self.device
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
         first_bad = torch.full((2,), -1.0, dtype=torch.float64, device=device)  # step, loss value
         log_sums: dict[str, torch.Tensor] = {}
         log_counts: dict[str, int] = {}
-        bar = self.progress.epoch_bar(self.train_loader, epoch, self.config.train.epochs)
+        bar = self.progress.epoch_bar(loader, epoch, self.config.train.epochs)
         for step, batch in enumerate(bar):
             started = time.perf_counter()
             ctx.step_in_epoch = step
