@@ -202,3 +202,38 @@ def test_cremad_one_column_list_takes_the_emotion_from_the_id(tmp_path):
     (tmp_path / "test.csv").write_text("\n".join(row.split(",")[0] for row in rows["test"]) + "\n")
     bundle = load("cremad", tmp_path, "data.val_fraction=0.4")
     assert bundle.test.labels.tolist() == list(range(6))
+
+
+def make_cremad_actors(root, actors=6):
+    """Every actor speaks every emotion; the lists put every actor in both train and test, as the shipped ones do."""
+    rows = {"train": [], "test": []}
+    for a in range(actors):
+        for c, emotion in enumerate(EMOTIONS):
+            clip = f"{1001 + a}_DFA_{emotion}_XX"
+            write_wav(root / "AudioWAV" / f"{clip}.wav", seed=a * 10 + c)
+            write_frames(root / "Image-01-FPS" / clip, seed=c)
+            rows["test" if (a + c) % 5 == 0 else "train"].append(f"{clip},{emotion}")
+    (root / "train.csv").write_text("\n".join(rows["train"]) + "\n")
+    (root / "test.csv").write_text("\n".join(rows["test"]) + "\n")
+
+
+def test_cremad_speaker_split_keeps_actors_apart_and_test_fixed(tmp_path):
+    make_cremad_actors(tmp_path)
+
+    def actors(split):
+        return {r["clip"].split("_")[0] for r in split.records}
+
+    lists = load("cremad", tmp_path)
+    assert actors(lists.train) & actors(lists.test)  # the shipped protocol: actors in both
+    bundle = load("cremad", tmp_path, "cremad.split=speaker", "cremad.test_speakers=0.2", "data.val_fraction=0.25")
+    train, val, test = actors(bundle.train), actors(bundle.val), actors(bundle.test)
+    # 6 actors: round(0.2·6) = 1 for test, round(0.25·5) = 1 for validation, 4 for training; 6 clips each
+    assert (len(train), len(val), len(test)) == (4, 1, 1)
+    assert not (train & val or train & test or val & test)
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (24, 6, 6)
+    other = load("cremad", tmp_path, "cremad.split=speaker", "cremad.test_speakers=0.2", "data.val_fraction=0.25",
+                 "data.split_seed=5")
+    assert actors(other.test) == test  # the test actors do not follow the split seed
+    seeds = [load("cremad", tmp_path, "cremad.split=speaker", "cremad.test_speakers=0.2", "data.val_fraction=0.25",
+                  f"data.split_seed={s}") for s in range(4)]
+    assert len({frozenset(actors(b.val)) for b in seeds}) > 1  # validation actors do

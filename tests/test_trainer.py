@@ -182,3 +182,12 @@ def test_progress_is_silent_when_quiet_or_not_a_terminal(monkeypatch):
     assert not Progress(quiet=False, enabled_rank=False).show  # only rank 0 draws
     monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
     assert not Progress(quiet=False).show
+
+
+def test_evaluation_counts_every_sample_whatever_the_batch_size(tmp_path):
+    # 203 samples, batch sizes that do not divide the splits: no evaluation ever drops a partial batch
+    overrides = ["synthetic.num_samples=203", "synthetic.num_classes=4", "synthetic.strong_groups=2", "synthetic.dims=[8,8]",
+                 "train.epochs=1", "train.batch_size=32", "train.eval_batch_size=7", "model.feature_dim=8", "model.hidden_dim=16"]
+    trainer = Trainer(build_config(overrides=overrides), None, quiet=True)
+    for split, data in (("train", trainer.train_data), ("val", trainer.bundle.val), ("test", trainer.bundle.test)):
+        assert trainer.evaluate(split)["num_samples"] == len(data)

@@ -11,14 +11,16 @@ the papers.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Optional
+from typing import ClassVar, Literal, Optional
+
+import numpy as np
 
 from pydantic import Field
 
 from ...errors import DataError
 from ...registry import DATASETS
 from ..base import DataBundle
-from ..loading import data_root
+from ..loading import data_root, split_seed
 from .common import (
     RESNET_SGD_DEFAULTS,
     FileConfig,
@@ -74,6 +76,11 @@ class AudioVisualBenchmark:
         return class_index(names, options.num_classes, f"the {cls.name} lists", f"{cls.name}.num_classes")
 
     @classmethod
+    def regroup(cls, splits: dict[str, list[dict]], options, config) -> dict[str, list[dict]]:
+        """The splits to train and test on; the shipped lists unless a benchmark offers another protocol."""
+        return splits
+
+    @classmethod
     def load(cls, config) -> DataBundle:
         options = config.section(cls.name)
         root = data_root(config, cls.name)
@@ -90,7 +97,7 @@ class AudioVisualBenchmark:
             if (root / file).is_file()
         }
         index = cls.classes([label for pairs in parsed.values() for _, label, _ in pairs], options)
-        splits = {}
+        splits: dict[str, list[dict]] = {}
         for split, pairs in parsed.items():
             source = root / cls.lists[split]
             splits[split] = [
@@ -102,6 +109,7 @@ class AudioVisualBenchmark:
                 }
                 for clip, label, line in pairs
             ]
+        splits = cls.regroup(splits, options, config)
         spectrogram = Spectrogram(
             "audio", options.sample_rate, options.audio_seconds, options.n_fft, options.hop_length
         )
@@ -122,9 +130,41 @@ class AudioVisualBenchmark:
 CREMAD_CLASSES = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]  # OGM-GE's order
 
 
+SPEAKER_TEST_SEED = 20_240_601  # the speaker-disjoint test set is one fixed set, the same for every run
+
+
 def emotion_of(clip: str) -> str:
     parts = clip.split("_")
     return parts[2] if len(parts) > 2 else ""
+
+
+def speaker_of(clip: str) -> str:
+    """The actor of a CREMA-D clip id (``1001`` in ``1001_DFA_ANG_XX``)."""
+    return clip.split("_")[0]
+
+
+def speaker_split(records: list[dict], test_fraction: float, val_fraction: float, seed: int) -> dict[str, list[dict]]:
+    """Train/val/test with every actor in exactly one split.
+
+    The test actors are drawn once with a fixed seed (so test is the same set
+    for every run, like an official list); the validation actors are drawn
+    from the rest with ``seed`` (``data.split_seed``). Each split keeps the
+    order of ``records``.
+    """
+    speakers = sorted({speaker_of(r["clip"]) for r in records})
+    if len(speakers) < 3:
+        raise DataError(f"cremad.split=speaker needs at least 3 actors, the lists have {len(speakers)}")
+
+    def draw(pool: list[str], fraction: float, generator_seed: int) -> set[str]:
+        count = min(max(1, round(fraction * len(pool))), len(pool) - 1)
+        order = np.random.default_rng(generator_seed).permutation(len(pool))
+        return {pool[k] for k in order[:count]}
+
+    test = draw(speakers, test_fraction, SPEAKER_TEST_SEED)
+    rest = [s for s in speakers if s not in test]
+    val = draw(rest, val_fraction, seed)
+    where = {s: "test" if s in test else "val" if s in val else "train" for s in speakers}
+    return {split: [r for r in records if where[speaker_of(r["clip"])] == split] for split in ("train", "val", "test")}
 
 
 @DATASETS.register("cremad")
@@ -141,6 +181,10 @@ class CremaD(AudioVisualBenchmark):
 
     Without val.csv, a stratified ``data.val_fraction`` of train (seeded by
     ``data.split_seed``) is the validation split; test stays official.
+    ``cremad.split=speaker`` pools the lists and splits by actor instead (the
+    shipped lists put every actor in both train and test): a fixed
+    ``cremad.test_speakers`` fraction of the actors is test, a seeded
+    ``data.val_fraction`` of the others validation.
     Audio: 22,050 Hz, 3 s, n_fft 512, hop 353 -> (1, 257, 188), as OGM-GE.
     """
 
@@ -158,6 +202,17 @@ class CremaD(AudioVisualBenchmark):
         sample_rate: int = Field(22050, ge=1000, description="audio is resampled to this rate (Hz)")
         audio_seconds: float = Field(3.0, gt=0, description="audio is repeated or cut to this length")
         hop_length: int = Field(353, ge=1, description="STFT hop; frames = 1 + samples // hop_length")
+        split: Literal["lists", "speaker"] = Field(
+            "lists", description="lists: the shipped train/test lists (every actor in both); speaker: actors disjoint across train, val and test"
+        )
+        test_speakers: float = Field(0.1, gt=0, lt=1, description="split=speaker: fraction of the actors held out as test (one fixed set)")
+
+    @classmethod
+    def regroup(cls, splits, options, config):
+        if options.split == "lists":
+            return splits
+        pooled = [r for split in ("train", "val", "test") for r in splits.get(split, [])]
+        return speaker_split(pooled, options.test_speakers, config.data.val_fraction, split_seed(config))
 
     @classmethod
     def parse(cls, rows, path):
