@@ -4,12 +4,17 @@
 images ``(C, H, W)`` a small CNN; ResNet-18 is chosen explicitly for
 spectrograms and frames. Inputs with frames ``(T, C, H, W)`` are folded into
 the batch and their features averaged over time.
+
+``Encoder.staged()`` splits an encoder's forward into pieces (``EncoderStages``)
+for methods that act between its stages (Greedy's MMTM blocks); composing the
+pieces is the forward pass bit for bit, and encoders without stages return None.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +28,31 @@ FLOAT_ENCODERS = (
 )
 
 
+@dataclass(frozen=True)
+class EncoderStages:
+    """An encoder's forward pass in pieces: ``finish(stage_K(…stage_1(prepare(x))), frames)`` is ``encoder(x)``.
+
+    ``prepare(x)`` returns ``(h, frames)``: the input as the first stage reads
+    it (float, frame stacks (T, C, H, W) folded into the batch, so ``h`` has
+    B·frames rows; frames = 1 without them). ``stages`` are applied in order;
+    stage k's output is (B·frames, widths[k], *spatial) or, for vectors,
+    (B, widths[k]). ``finish(h, frames)`` pools, projects and averages the
+    frames of each sample. The pieces share the encoder's modules: nothing is
+    copied and the state dict is the encoder's own.
+    """
+
+    prepare: Callable[[Tensor], tuple[Tensor, int]]
+    stages: tuple[Callable[[Tensor], Tensor], ...]
+    widths: tuple[int, ...]
+    finish: Callable[[Tensor, int], Tensor]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        h, frames = self.prepare(x)
+        for stage in self.stages:
+            h = stage(h)
+        return self.finish(h, frames)
+
+
 class Encoder(nn.Module):
     """Base: knows its input shape (without the batch) and its output width."""
 
@@ -33,6 +63,10 @@ class Encoder(nn.Module):
         super().__init__()
         self.input_shape = tuple(input_shape)
         self.feature_dim = feature_dim
+
+    def staged(self) -> Optional[EncoderStages]:
+        """The forward pass split into stages (``EncoderStages``), or None for an encoder without stages."""
+        return None
 
     def load_pretrained(self, path: str | Path) -> None:
         """Load local weights (``torch.save(encoder.state_dict(), path)``) with one-line errors."""
@@ -72,6 +106,15 @@ class MLPEncoder(Encoder):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x.float())
+
+    def staged(self) -> EncoderStages:
+        """One stage: the hidden layer (flatten, linear, ReLU, dropout), (B, hidden_dim)."""
+        return EncoderStages(
+            prepare=lambda x: (x.float(), 1),
+            stages=(self.net[:4],),
+            widths=(self.net[1].out_features,),
+            finish=lambda h, frames: self.net[4:](h),
+        )
 
 
 def _channels_of(input_shape: tuple[int, ...]) -> tuple[int, int]:
@@ -125,6 +168,16 @@ class SmallCNNEncoder(_FrameFolding):
     def forward(self, x: Tensor) -> Tensor:
         x, frames = self._prepare(x)
         return self._pool_frames(torch.relu(self.proj(self.body(x))), frames)
+
+    def staged(self) -> EncoderStages:
+        """Three stages, one per conv block (conv, batch norm, ReLU); widths 32, 64, hidden_dim."""
+        blocks = tuple(self.body[i:i + 3] for i in (0, 3, 6))
+        return EncoderStages(
+            prepare=self._prepare,
+            stages=blocks,
+            widths=tuple(block[1].num_features for block in blocks),
+            finish=lambda h, frames: self._pool_frames(torch.relu(self.proj(self.body[9:](h))), frames),
+        )
 
 
 class BasicBlock(nn.Module):
@@ -181,6 +234,16 @@ class ResNet18Encoder(_FrameFolding):
         x, frames = self._prepare(x)
         features = self.proj(self.pool(self.stages(self.stem(x))))
         return self._pool_frames(features, frames)
+
+    def staged(self) -> EncoderStages:
+        """Four stages, after layers 1–4 (the stem runs with layer 1); widths 64, 128, 256, 512."""
+        first = nn.Sequential(self.stem, self.stages[0])
+        return EncoderStages(
+            prepare=self._prepare,
+            stages=(first, *self.stages[1:]),
+            widths=(64, 128, 256, 512),
+            finish=lambda h, frames: self._pool_frames(self.proj(self.pool(h)), frames),
+        )
 
 
 def auto_encoder_name(input_shape: tuple[int, ...]) -> str:
