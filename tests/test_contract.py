@@ -18,7 +18,9 @@ import pytest
 import torch
 
 from mmbalance.config import build_config
+from mmbalance.errors import ConfigError
 from mmbalance.methods.base import Objective, Plugin
+from mmbalance.methods.compose import resolve
 from mmbalance.methods.window import WindowConfig
 from mmbalance.registry import METHODS
 from mmbalance.training import Trainer, resume_run, train_run
@@ -52,6 +54,13 @@ def test_every_registered_name_is_an_objective_or_a_plugin():
 @pytest.mark.parametrize("modalities", [2, 3])
 @pytest.mark.parametrize("spec", SPECS)
 def test_trains_evaluates_and_resumes_exactly(spec, modalities, tmp_path, monkeypatch):
+    limits = [METHODS.get(p.name).max_modalities for p in resolve(spec)]
+    if any(limit is not None and modalities > limit for limit in limits):
+        # a part defined for fewer modalities refuses the run in one line, before training
+        with pytest.raises(ConfigError, match=r"needs .* modalities \(the dataset has") as error:
+            train_run(build_config(overrides=tiny(modalities), method=spec), tmp_path / "refused", quiet=True)
+        assert "\n" not in str(error.value) and not (tmp_path / "refused").exists()
+        return
     # every window opens in the first epoch, so the stop falls inside each part's active phase
     config = build_config(overrides=tiny(modalities), method=spec)
     for name in config.parts:
