@@ -12,7 +12,10 @@ from mmbalance.training import Trainer, resume_run, train_run
 def test_run_folder_and_metrics(tmp_path, tiny_overrides):
     out = tmp_path / "run"
     metrics = train_run(build_config(overrides=tiny_overrides + ["train.epochs=3"]), out, quiet=True)
-    assert {p.name for p in out.iterdir()} == {"config.yaml", "metrics.jsonl", "metrics.json", "best.pt", "last.pt"}
+    names = {p.name for p in out.iterdir()}
+    assert {n for n in names if not n.startswith("events.out.tfevents.")} == {
+        "config.yaml", "metrics.jsonl", "metrics.json", "best.pt", "last.pt", "scalars.csv"}
+    assert len(names) == 7  # and one TensorBoard event file
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [l["epoch"] for l in lines] == [1, 2, 3]
     assert {"train_loss", "train_accuracy", "val", "lr", "method"} <= set(lines[0])

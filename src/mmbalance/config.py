@@ -63,6 +63,10 @@ class DataConfig(Section):
         description="held-out data methods may estimate on: the validation split, or a stratified carve of the training split (removed from training)",
     )
     heldout_fraction: float = Field(0.1, gt=0, lt=0.5, description="fraction of the training split carved out when data.heldout=carve")
+    standardize: bool = Field(
+        True,
+        description="standardise float features (npz, mfeat, mnist_hog) with statistics of the training split as loaded; integer and token inputs never",
+    )
 
 
 class ModelConfig(Section):
@@ -77,10 +81,20 @@ class ModelConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1)
 
 
+class LogConfig(Section):
+    backends: list[Literal["csv", "tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["csv", "tensorboard"],
+        description="where per-epoch scalars go besides metrics.jsonl: csv (scalars.csv), tensorboard (event file), "
+        "wandb and mlflow (optional extras: pip install 'mmbalance[wandb]' / 'mmbalance[mlflow]')",
+    )
+    project: Optional[str] = Field(None, description="wandb project or mlflow experiment (default: mmbalance / the tracking default)")
+
+
 CORE_SECTIONS: dict[str, type[Section]] = {
     "train": TrainConfig,
     "data": DataConfig,
     "model": ModelConfig,
+    "log": LogConfig,
 }
 SCALAR_KEYS = {"method": str, "seed": int}
 PRIVATE_KEYS = ("_recommended",)
@@ -236,6 +250,7 @@ class RunConfig:
         self.train: TrainConfig = validate_section("train", TrainConfig, raw.get("train"))
         self.data: DataConfig = validate_section("data", DataConfig, raw.get("data"))
         self.model: ModelConfig = validate_section("model", ModelConfig, raw.get("model"))
+        self.log: LogConfig = validate_section("log", LogConfig, raw.get("log"))
         DATASETS.get(self.data.name)
         self.sections: dict[str, Section] = {}
         for name, schema in components.items():
@@ -267,6 +282,7 @@ class RunConfig:
         out["train"] = self.train.model_dump()
         out["data"] = self.data.model_dump()
         out["model"] = self.model.model_dump()
+        out["log"] = self.log.model_dump()
         for name, section in self.sections.items():
             out[name] = section.model_dump()
         return out

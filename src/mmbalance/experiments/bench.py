@@ -97,7 +97,7 @@ def run_bench(
 
 
 #: settings that may differ between a bench and a run folder it reuses: they change no result
-REUSABLE_KEYS = ("train.num_workers", "train.eval_batch_size", "train.device", "data.root", "data.path")
+REUSABLE_KEYS = ("train.num_workers", "train.eval_batch_size", "train.device", "data.root", "data.path", "log.backends", "log.project")
 
 
 def run_or_reuse(config: RunConfig, run_dir: Path, quiet: bool, log) -> dict:

@@ -12,6 +12,7 @@ Run folder::
     last.pt         everything needed to resume, rewritten atomically every epoch
     best.pt         model and method state at the best validation accuracy
     metrics.json    final validation and test metrics of the best checkpoint
+    scalars.csv     every per-epoch scalar, one column each (log.backends; also TensorBoard events)
 """
 
 from __future__ import annotations
@@ -51,21 +52,36 @@ from .checkpoint import (
 )
 from .context import TrainContext
 from .distributed import DistributedState, ShardedShuffleSampler
+from .loggers import RunLoggers, require_extras
 from .progress import Progress
 from .teachers import TEACHER_FOLDER, TeacherFit
 
 HELDOUT_SEED_OFFSET = 7919  # the carve's seed differs from the split's, yet is the same for every method
-RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.json", "best.pt", "last.pt")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.json", "best.pt", "last.pt", "scalars.csv")
+EVENT_FILES = "events.out.tfevents.*"  # TensorBoard's, one per (re)start of the run
 #: keys that may differ between a checkpoint and the run that reads it: where the data lives, how it
 #: is loaded, the device, and (when resuming) how many epochs to train in all
-SAFE_KEYS = ("train.epochs", "train.num_workers", "train.eval_batch_size", "train.device", "data.root", "data.path")
+SAFE_KEYS = ("train.epochs", "train.num_workers", "train.eval_batch_size", "train.device", "data.root", "data.path",
+             "log.backends", "log.project")
 LAST_CHECKPOINT_KEYS = ("model", "method", "optimizers", "schedulers", "state", "rng", "generator", "config", "history")
 
 
 def run_files(out_dir: Path) -> list[str]:
     """The files of a run that ``out_dir`` holds already (links included), its teachers' folder too."""
     names = [*RUN_FILES, TEACHER_FOLDER]
-    return [name for name in names if (out_dir / name).exists() or (out_dir / name).is_symlink()]
+    found = [name for name in names if (out_dir / name).exists() or (out_dir / name).is_symlink()]
+    return found + sorted(p.name for p in out_dir.glob(EVENT_FILES))
+
+
+def epoch_line(record: dict, epochs: int) -> str:
+    """One plain line per epoch: the loss and the terms it sums, accuracies, time."""
+    terms = {k[len("loss/"):]: v for k, v in record.get("method", {}).items() if k.startswith("loss/")}
+    summed = " + ".join(f"{name} {value:.4f}" for name, value in terms.items())
+    loss = f"loss {record['train_loss']:.4f}" + (f" ({summed})" if len(terms) > 1 else "")
+    return (
+        f"epoch {record['epoch']}/{epochs}  {loss}  train acc {100 * record['train_accuracy']:.2f}%  "
+        f"val acc {100 * record['val']['accuracy']:.2f}%  {record['seconds']:.1f}s"
+    )
 
 
 def config_mismatch(stored: dict, current: dict, safe: tuple[str, ...] = SAFE_KEYS) -> list[tuple[str, Any, Any]]:
@@ -126,6 +142,7 @@ class Trainer:
         self.device = resolve_device(config.train.device, self.dist.local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        require_extras(config.log.backends)  # a missing optional logger is one line, before any data is read
         seed_everything(config.seed)
         self.bundle = bundle if bundle is not None else load_dataset(config)
         self.train_data, self.heldout_data = heldout_split(self.bundle, config)
@@ -176,6 +193,7 @@ class Trainer:
             "steps_timed": 0,
         }
         self.history: list[dict] = []  # one record per finished epoch: metrics.jsonl, and part of last.pt
+        self.loggers: RunLoggers | None = None
 
     # -- construction --------------------------------------------------------
     def make_optimizer(self, params) -> torch.optim.Optimizer:
@@ -461,6 +479,7 @@ class Trainer:
             created_folder = not self.out_dir.exists()
             check_writable(self.out_dir)
             lock = None if locked else FolderLock(self.out_dir).acquire()
+        self.loggers = None
         try:
             if resume and (self.out_dir / "last.pt").is_file():
                 path = self.out_dir / "last.pt"
@@ -474,6 +493,9 @@ class Trainer:
                     shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
                 atomic_write_text(self.out_dir / "config.yaml", self.config.to_yaml())
                 self._write_history()
+            if writes:
+                self.loggers = RunLoggers(self.out_dir, self.config.log.backends, self.config.log.project, self.config.to_dict())
+                self.loggers.sync(self.history)
             return self._train_and_finish()
         except BaseException:
             teachers_started = writes and (self.out_dir / TEACHER_FOLDER).is_dir()
@@ -481,13 +503,17 @@ class Trainer:
                 self._remove_unfinished(created_folder)
             raise
         finally:
+            if self.loggers is not None:
+                self.loggers.close()
             if lock is not None:
                 lock.release()
 
     def _remove_unfinished(self, created_folder: bool) -> None:
         """A new run that failed before its first checkpoint leaves nothing it wrote (its folder too, if it made it)."""
-        for name in RUN_FILES:  # a new run starts from a folder without run files, so these are all its own
+        for name in run_files(self.out_dir):  # a new run starts from a folder without run files, so these are all its own
             path = self.out_dir / name
+            if name == TEACHER_FOLDER:
+                continue
             if path.is_file() and not path.is_symlink():
                 path.unlink()
         if created_folder:
@@ -517,10 +543,9 @@ class Trainer:
                                         "fingerprint": config_fingerprint(config)})
             self._write("last.pt", self._last_checkpoint())
             self._write_history()
-            self.progress.epoch_summary(
-                f"epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.4f}  "
-                f"train acc {record['train_accuracy']:.4f}  val acc {val['accuracy']:.4f}"
-            )
+            if self.loggers is not None:
+                self.loggers.log(record, self.history)
+            self.progress.epoch_summary(epoch_line(record, epochs))
         return self.finish()
 
     def _write_history(self) -> None:
