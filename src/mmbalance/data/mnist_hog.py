@@ -24,8 +24,8 @@ from ..registry import DATASETS
 from .base import DataBundle, check_labels, select_views
 from .fetch import PinnedWheel, fetch_wheel_files
 from .loading import data_root, default_data_root, split_seed
-from .mfeat import standardise
 from .splits import train_val_test
+from .standardise import fit_standardisation
 
 VIEWS: dict[str, str] = {"hog0": "View0", "hog1": "View1", "hog2": "View2", "hog3": "View3"}
 VIEW_DIM = 192
@@ -98,7 +98,11 @@ class MnistHogDataset:
         features, labels = read_hdf5(path, views)
         seed = split_seed(config)
         train, val, test = train_val_test(labels, config.data.val_fraction, config.data.test_fraction, seed)
-        tensors = {v: torch.from_numpy(standardise(features[v], train)) for v in views}
+        fitted = {}
+        if config.data.standardize:
+            fitted = {v: fit_standardisation(features[v], train) for v in views}
+            features = {v: fitted[v](features[v]) for v in views}
+        tensors = {v: torch.from_numpy(features[v].astype(np.float32)) for v in views}
         return DataBundle.from_tensors(
             tensors,
             torch.from_numpy(labels),
@@ -106,4 +110,5 @@ class MnistHogDataset:
             NUM_CLASSES,
             class_names=[str(digit) for digit in range(NUM_CLASSES)],
             info={"root": str(root)},
+            standardisation=fitted,
         )

@@ -5,6 +5,11 @@ name; first dimension = samples, any trailing shape) and optionally a
 ``split`` array of ``train``/``val``/``test`` strings. Without ``split`` the
 samples are split by label like every other dataset. Everything is checked
 on load so that a bad file fails with one line instead of mid-training.
+
+Float arrays are standardised with the training split's statistics
+(``data.standardize``, on by default): each feature of a vector, each channel
+of a ``(C, ...)`` array, on its own. Integer arrays (token ids) and booleans
+are never touched.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from ..registry import DATASETS
 from .base import DataBundle, check_labels, infer_num_classes, select_views
 from .loading import split_seed
 from .splits import train_val_test
+from .standardise import fit_standardisation
 
 RESERVED = ("label", "split")
 SPLITS = ("train", "val", "test")
@@ -202,10 +208,17 @@ class NpzDataset:
             train, val, test = split_rows(arrays["split"], count, path)
         else:
             train, val, test = train_val_test(labels, config.data.val_fraction, config.data.test_fraction, split_seed(config))
+        # float arrays only: integers are token ids or counts, booleans indicators, both kept as they are
+        scaled = [name for name in views if config.data.standardize and np.issubdtype(modalities[name].dtype, np.floating)]
+        # float64 statistics of the float32 values, so large offsets keep their precision
+        fitted = {name: fit_standardisation(tensors[name].double(), train) for name in scaled}
+        for name in scaled:
+            tensors[name] = fitted[name](tensors[name].double()).float()
         return DataBundle.from_tensors(
             tensors,
             torch.from_numpy(labels),
             (train, val, test),
             num_classes,
-            info={"path": str(path), "split": "file" if "split" in arrays else "stratified"},
+            info={"path": str(path), "split": "file" if "split" in arrays else "stratified", "standardized": scaled},
+            standardisation=fitted,
         )
