@@ -65,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, metavar="DIR")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
 
+    p = sub.add_parser("predict", parents=common, help="a run's predictions on new inputs, as a CSV file")
+    p.add_argument("--run", required=True, metavar="DIR")
+    p.add_argument("--input", required=True, metavar="FILE",
+                   help="an .npz file with one array per modality of the run (an optional 'label' array gives accuracies)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the CSV: one row per sample")
+    p.add_argument("--overwrite", action="store_true", help="replace --out FILE if it exists")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting that does not change the model, e.g. --set train.device=cpu (repeatable)")
+
     p = sub.add_parser("robust", parents=common, help="test accuracy of runs under a corruption, against its level")
     p.add_argument("--run", dest="runs", action="append", required=True, metavar="DIR", help="run folder (repeatable)")
     p.add_argument("--corruption", required=True, help="see: mmbalance list corruptions")
@@ -78,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="report folder")
 
     p = sub.add_parser("list", parents=common, help="list registered components")
-    p.add_argument("what", choices=LISTABLE)
+    p.add_argument("what", choices=(*LISTABLE, "options"))
+    p.add_argument("name", nargs="?", help="with 'options': a method part, dataset or section (train, data, model)")
 
     p = sub.add_parser("data", parents=common, help="dataset utilities")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -101,16 +111,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True)
     p.add_argument("--methods", required=True,
                    help="comma-separated method specs; NAME[key=value,...] adds options, '+' combines parts: "
-                        "'joint,midas,midas[lam=0.5]+arl'")
+                        "'joint,midas,midas[lam=0.5]+arl'; 'linear' adds the linear reference (vector features only)")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--out", required=True)
     p.add_argument("--robust", metavar="CORRUPTION:LEVELS",
                    help="after the runs, a robustness report into OUT/robustness, e.g. gaussian:0,1,2")
+    p.add_argument("--baseline", metavar="SPEC",
+                   help="the method every other is compared with, paired by seed (default: joint if listed, else the first)")
+    p.add_argument("--test", default="t", choices=["t", "wilcoxon"],
+                   help="p-values of the comparison: paired t-test (default) or exact Wilcoxon signed-rank")
+    p.add_argument("--tune", type=int, default=0, metavar="N",
+                   help="first tune each method with N trials on the first seed (studies in OUT/tune), then run its best config")
+    p.add_argument("--jobs", type=int, default=1, metavar="K",
+                   help="runs at once, in K processes of one thread each (OMP_NUM_THREADS sets it); same results as one at a time")
     _add_config_args(p)
 
-    p = sub.add_parser("plot", parents=common, help="draw a run's curves as PNG files")
+    p = sub.add_parser("tune", parents=common, help="search a method's options for the best validation accuracy (Optuna)")
+    p.add_argument("--dataset")
+    p.add_argument("--method", required=True, help="method spec; its bracketed options and --set keys stay fixed")
+    p.add_argument("--trials", type=int, required=True, metavar="N",
+                   help="finished trials in all: rerunning continues the study up to N")
+    p.add_argument("--out", required=True, metavar="DIR", help="study folder: best.yaml, trials.csv/.md, search.png, study.db")
+    p.add_argument("--seed", type=int, default=0, help="seed of every trial's run and of the sampler (default 0)")
+    p.add_argument("--storage", metavar="URL",
+                   help="an Optuna database URL (postgresql://..., mysql://...) shared by several machines (default: DIR/study.db)")
+    p.add_argument("--tune-train", action="store_true", help="also tune train.lr and train.weight_decay")
+    p.add_argument("--overwrite", action="store_true", help="replace the study that DIR (or --storage) holds for other settings")
+    _add_config_args(p)
+
+    p = sub.add_parser("plot", parents=common, help="draw a run's curves as PNG and PDF files")
     p.add_argument("--run", required=True, metavar="DIR")
-    p.add_argument("--out", help="folder for the PNG files (default: DIR/plots)")
+    p.add_argument("--out", help="folder for the PNG and PDF files (default: DIR/plots)")
 
     p = sub.add_parser("demo", parents=common, help="joint, unimodal and MIDAS training on the built-in synthetic data")
     p.add_argument("--out", default="runs/demo")
@@ -160,6 +191,25 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from .api import load_run
+    from .prediction import read_input_file, refuse_existing
+
+    out = Path(args.out)
+    refuse_existing(out, args.overwrite)
+    inputs, labels = read_input_file(args.input)
+    run = load_run(Path(args.run), args.overrides)
+    predictions = run.predict(inputs, run.config.train.eval_batch_size)
+    line = f"{len(predictions)} predictions written to {out}"
+    if labels is not None and len(labels):
+        scores = predictions.accuracy(labels)
+        only = ", ".join(f"{m} {100 * v:.1f}%" for m, v in scores["modality_accuracy"].items())
+        line += f"; accuracy {100 * scores['accuracy']:.2f}% against 'label' (modality-only: {only})"
+    predictions.write_csv(out, labels, overwrite=args.overwrite)
+    print(line)
+    return 0
+
+
 def cmd_robust(args, command: str) -> int:
     from .config import parse_override
     from .experiments.robustness import parse_levels, robustness_report
@@ -178,6 +228,15 @@ def cmd_robust(args, command: str) -> int:
 def cmd_list(args) -> int:
     from .registry import CORRUPTIONS, DATASETS, ENCODERS, FUSIONS, METHODS, METRICS
 
+    if args.what == "options":
+        from .options import options_table
+
+        if not args.name:
+            raise MMBalanceError("list options needs a NAME: a method part, dataset or section, e.g. list options midas")
+        print(options_table(args.name))
+        return 0
+    if args.name:
+        raise MMBalanceError(f"list {args.what} takes no name (list options NAME shows one part's options)")
     registry = {"methods": METHODS, "datasets": DATASETS, "encoders": ENCODERS, "fusions": FUSIONS,
                 "corruptions": CORRUPTIONS, "metrics": METRICS}[args.what]
     width = max(len(n) for n in registry.names())
@@ -227,9 +286,30 @@ def cmd_bench(args, command: str) -> int:
 
     methods = split_methods(args.methods)
     robust = parse_sweep(args.robust) if args.robust else None
-    run_bench(args.dataset, methods, args.seeds, Path(args.out), args.overrides, args.config,
-              quiet=args.quiet, command=command, robust=robust)
+    if args.tune < 0:
+        raise MMBalanceError(f"--tune must be a number of trials >= 1 (or 0: no tuning), got {args.tune}")
+    run_bench(args.dataset, methods, args.seeds, Path(args.out), args.overrides, args.config, tune=args.tune, jobs=args.jobs,
+              quiet=args.quiet, command=command, robust=robust, baseline=args.baseline, test=args.test)
     print((Path(args.out) / "summary.md").read_text())
+    return 0
+
+
+def cmd_tune(args, command: str) -> int:
+    from .experiments.tune import short_value, tune
+
+    result = tune(args.dataset, args.method, args.trials, Path(args.out), args.overrides, args.config, seed=args.seed,
+                  storage=args.storage, tune_train=args.tune_train, overwrite=args.overwrite, quiet=args.quiet,
+                  command=command)
+    counts = result["counts"]
+    done = f"{counts['complete']} complete, {counts['pruned']} pruned"
+    best = result["best"]
+    if best is None:
+        print(f"study {result['study']}: {done}; no trial has completed yet")
+        return 0
+    shown = ", ".join(f"{key}={short_value(value)}" for key, value in best["params"].items())
+    print(f"study {result['study']}: {done}; best validation accuracy {100 * best['value']:.2f}% "
+          f"(trial {best['number']}: {shown})")
+    print(f"train it: mmbalance train --config {Path(args.out) / 'best.yaml'} --out RUN")
     return 0
 
 
@@ -248,7 +328,7 @@ def cmd_demo(args) -> int:
     command = f"mmbalance demo --out {args.out} --seeds {args.seeds}"
     run_bench("synthetic", ["joint", "unimodal", "midas"], args.seeds, out, quiet=args.quiet, command=command)
     print((out / "summary.md").read_text())
-    print(f"Report folder: {out} (summary.md, summary.png, results.jsonl, one folder per run)")
+    print(f"Report folder: {out} (summary.md, summary.png/.pdf, results.jsonl, one folder per run)")
     return 0
 
 
@@ -260,12 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "train": cmd_train,
         "eval": cmd_eval,
+        "predict": cmd_predict,
         "list": cmd_list,
         "data": cmd_data,
         "bench": lambda a: cmd_bench(a, command),
         "robust": lambda a: cmd_robust(a, command),
         "demo": cmd_demo,
         "plot": cmd_plot,
+        "tune": lambda a: cmd_tune(a, command),
     }
     # Warnings of libraries (numpy's RuntimeWarnings on odd data, say) are held back: after an
     # error the one-line message stands alone; after success each distinct one is one line.

@@ -13,6 +13,12 @@ the keys that differ. Each run folder is locked while a bench works on it,
 so two benches on one ``--out`` never train a run twice (the second waits
 and then reuses it). ``results.jsonl`` and ``summary.md`` are rebuilt from
 the run folders every time.
+
+The summary compares every method with a baseline (``comparison.py``), paired
+by seed. ``linear`` in the methods adds the linear reference
+(``linear_reference.py``): not trained by the trainer and kept in no folder,
+it is fitted again on every bench (seconds, deterministic), before any run
+trains, so data it cannot read stops the bench at once.
 """
 
 from __future__ import annotations
@@ -24,11 +30,15 @@ from pathlib import Path
 
 from ..config import RunConfig, build_config, load_yaml
 from ..errors import MMBalanceError
+from ..evaluation.figures import known_num_classes
 from ..files import FolderLock, atomic_write_text
 from ..methods.compose import resolve
 from ..methods.spec import spec_string
 from ..training.trainer import check_writable, config_mismatch, describe_mismatch, resume_run, train_run
+from .comparison import compare, default_baseline, how_to_read, label_of, unpaired_lines
+from .linear_reference import NAME as LINEAR, beaten_lines, is_linear, reference_results, split_reference
 from .robustness import check_sweep, robustness_report
+from .significance import TESTS
 from .summary import bar_chart, fmt, markdown_table
 
 
@@ -56,6 +66,19 @@ def plan_runs(dataset: str, methods: list[str], seeds: int, overrides: list[str]
     return plan
 
 
+def choose_baseline(methods: list[str], baseline: str | None, test: str) -> str:
+    """The label every method is compared with: ``baseline`` (a spec) if given, else joint or the first method."""
+    if test not in TESTS:
+        raise MMBalanceError(f"--test {test!r} is not a test (allowed: {', '.join(TESTS)})")
+    labels = [LINEAR if is_linear(m) else spec_string(resolve(m), with_options=True) for m in methods]
+    if baseline is None:
+        return default_baseline(labels)
+    label = LINEAR if is_linear(baseline) else spec_string(resolve(baseline), with_options=True)
+    if label not in labels:
+        raise MMBalanceError(f"--baseline {baseline!r} is not in --methods ({', '.join(labels)}); compare with one of them")
+    return label
+
+
 def run_bench(
     dataset: str,
     methods: list[str],
@@ -67,33 +90,68 @@ def run_bench(
     command: str | None = None,
     log=None,
     robust: tuple[str, list[float]] | None = None,
+    tune: int = 0,
+    jobs: int = 1,
+    baseline: str | None = None,
+    test: str = "t",
 ) -> list[dict]:
-    """``robust``: (corruption, levels) for a robustness report over every run, in ``out_dir/robustness``."""
+    """``robust``: (corruption, levels) for a robustness report over every run, in ``out_dir/robustness``.
+
+    ``tune``: N trials of ``mmbalance tune`` per method first (``tune.tuned_plan``); ``jobs``: runs at
+    once, in worker processes (``jobs.py``), with the same folders and reports as one at a time.
+    """
     out_dir = Path(out_dir)
     overrides = list(overrides or [])
+    baseline = choose_baseline(methods, baseline, test)
+    methods, linear = split_reference(methods)
     plan = plan_runs(dataset, methods, seeds, overrides, config_file)
     if robust:
         check_sweep(*robust, plan[0][2])
+    from .jobs import check_jobs, run_in_processes
+
+    check_jobs(jobs)
     check_writable(out_dir)
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
-    results = []
-    for k, (label, name, config) in enumerate(plan, 1):
-        run_dir = out_dir / name
-        lock = FolderLock(run_dir).acquire(wait=True, on_wait=lambda text: log(f"[{k}/{len(plan)}] {text}"))
-        try:
-            metrics = run_or_reuse(config, run_dir, quiet, lambda text: log(f"[{k}/{len(plan)}] {name}: {text}"))
-        finally:
-            lock.release()
-        metrics["label"] = label
-        log(f"[{k}/{len(plan)}] {name}: test accuracy {100 * metrics['test']['accuracy']:.2f}%")
-        results.append(metrics)
-    with FolderLock(out_dir).acquire(wait=True, on_wait=log):
-        write_reports(results, out_dir, dataset, command)
+    # before any training, so data it cannot read (images, tokens) stops the bench at once
+    references = reference_results([c for label, _, c in plan if label == plan[0][0]], log) if linear else []
+    if tune:
+        from .tune import tuned_plan
+
+        plan = tuned_plan(plan, tune, out_dir, dataset, overrides, config_file, quiet, log, run_name)
+        if f"{baseline} (tuned)" in {label for label, _, _ in plan}:
+            baseline = f"{baseline} (tuned)"  # compared as it ran
+    if jobs > 1:
+        results = run_in_processes(plan, out_dir, jobs, log)
+    else:
+        results = [run_planned(k, len(plan), label, name, config, out_dir, quiet, log)
+                   for k, (label, name, config) in enumerate(plan, 1)]
+    results += references
+    num_classes = known_num_classes(results[0], plan[0][2].to_dict())
+
+    def summarise() -> None:
+        with FolderLock(out_dir).acquire(wait=True, on_wait=log):
+            write_reports(results, out_dir, dataset, command, baseline, test, num_classes)
+
+    summarise()
     if robust:
         corruption, levels = robust
-        robustness_report([out_dir / name for _, name, _ in plan], corruption, levels, out_dir / "robustness",
+        robustness_report([out_dir / name for _, name, _ in plan], corruption, levels, out_dir / ROBUSTNESS,
                           labels=[label for label, _, _ in plan], command=command, log=log)
+        summarise()  # again, now that summary.md can link the robustness report
     return results
+
+
+def run_planned(k: int, total: int, label: str, name: str, config: RunConfig, out_dir: Path, quiet: bool, log) -> dict:
+    """The k-th run of a bench, under its folder's lock; its metrics, labelled as the bench reports them."""
+    run_dir = out_dir / name
+    lock = FolderLock(run_dir).acquire(wait=True, on_wait=lambda text: log(f"[{k}/{total}] {text}"))
+    try:
+        metrics = run_or_reuse(config, run_dir, quiet, lambda text: log(f"[{k}/{total}] {name}: {text}"))
+    finally:
+        lock.release()
+    metrics["label"] = label
+    log(f"[{k}/{total}] {name}: test accuracy {100 * metrics['test']['accuracy']:.2f}%")
+    return metrics
 
 
 #: settings that may differ between a bench and a run folder it reuses: they change no result
@@ -134,10 +192,30 @@ def reference_lines(results: list[dict]) -> list[str]:
     return [f"Bayes-optimal test accuracy (exact, from the generator; mean ± std over the runs' splits): {parts}.", ""]
 
 
-def write_reports(results: list[dict], out_dir: Path, dataset: str, command: str | None) -> str:
+#: the folder of a bench's robustness report (``--robust``), which summary.md links once it exists
+ROBUSTNESS = "robustness"
+
+
+def robustness_lines(out_dir: Path) -> list[str]:
+    report = Path(ROBUSTNESS) / "robustness.md"
+    if not (out_dir / report).is_file():
+        return []
+    return [f"Accuracy under test-time corruption: [{report.as_posix()}]({report.as_posix()}).", ""]
+
+
+def write_reports(
+    results: list[dict], out_dir: Path, dataset: str, command: str | None, baseline: str | None = None, test: str = "t",
+    num_classes: int | None = None,
+) -> str:
+    """results.jsonl, summary.md and summary.png/.pdf; every method is compared with ``baseline`` (default: joint or the first).
+
+    ``num_classes`` (C) draws the chance line at 100/C on the chart; None leaves it out.
+    """
     lines = [json.dumps(r) for r in results]
     atomic_write_text(out_dir / "results.jsonl", "\n".join(lines) + "\n")
-    table = markdown_table(results, "test")
+    baseline = baseline or default_baseline(list(dict.fromkeys(label_of(r) for r in results)))
+    comparisons = compare(results, baseline, test)
+    table = markdown_table(results, "test", comparisons, baseline)
     parts = [f"# Benchmark on `{dataset}`", ""]
     if command:
         parts += ["Command:", "", "```", command, "```", ""]
@@ -146,9 +224,16 @@ def write_reports(results: list[dict], out_dir: Path, dataset: str, command: str
         "other modality's features zeroed. *X head*: the unimodal head on X's encoder. Imbalance",
         "ratio: M × the largest positive Shapley share (1 = balanced, M = one modality does all).",
         "",
+        how_to_read(baseline, test, comparisons),
+        "",
         table,
         "",
+        *unpaired_lines(comparisons),
+        *beaten_lines(results, test),
         *reference_lines(results),
+        "![test accuracy per method](summary.png) (vector: [summary.pdf](summary.pdf))",
+        "",
+        *robustness_lines(out_dir),
         "Validation split:",
         "",
         markdown_table(results, "val"),
@@ -156,5 +241,7 @@ def write_reports(results: list[dict], out_dir: Path, dataset: str, command: str
     ]
     text = "\n".join(parts)
     atomic_write_text(out_dir / "summary.md", text)
-    bar_chart(results, out_dir / "summary.png", "test", title=f"{dataset}: test accuracy, mean ± std")
+    note = f"above the accuracy bars: Δ vs {baseline} (points, paired by seed); * p < 0.05, {TESTS[test]}"
+    bar_chart(results, out_dir / "summary.png", "test", title=f"{dataset}: test accuracy, mean ± std",
+              comparisons=comparisons, note=note, num_classes=num_classes)
     return table

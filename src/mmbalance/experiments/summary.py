@@ -1,11 +1,22 @@
-"""Tables of mean ± std over seeds, as Markdown and as a PNG bar chart."""
+"""Tables of mean ± std over seeds, as Markdown and as a bar chart (PNG and PDF).
+
+A value a run does not have (the linear reference has no modality-only
+accuracy) is shown as '–'; a single run is shown without '±'. With
+comparisons (``comparison.compare``), the test table has a Δ column against
+the baseline and the chart marks each method's difference above its bar.
+"""
 
 from __future__ import annotations
 
 import math
+import textwrap
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable
+
+from ..evaluation.figures import chance_line, place_legend, pyplot, save_figure
+from ..evaluation.labels import readable
+from .comparison import MARK, Comparison, cell, column_name, points
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
@@ -24,6 +35,8 @@ def fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     mean, std = mean_std(values)
     if math.isnan(mean):
         return "–"
+    if len(values) == 1:
+        return f"{mean * scale:.{digits}f}"
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
@@ -42,52 +55,90 @@ def summary_columns(results: list[dict], split: str = "test") -> list[tuple[str,
         ("macro-F1", lambda r: r[split]["macro_f1"]),
     ]
     for m in modalities:
-        columns.append((f"{m} only", lambda r, m=m: r[split]["modality_accuracy"][m]))
+        columns.append((f"{m} only", lambda r, m=m: r[split].get("modality_accuracy", {}).get(m, math.nan)))
     for m in modalities:
-        columns.append((f"{m} head", lambda r, m=m: r[split]["unimodal_accuracy"].get(m, math.nan)))
-    extra = [k for k in ("misaligned_accuracy",) if k in results[0][split]]
+        columns.append((f"{m} head", lambda r, m=m: r[split].get("unimodal_accuracy", {}).get(m, math.nan)))
+    extra = [k for k in ("misaligned_accuracy",) if any(k in r[split] for r in results)]
     for key in extra:
         columns.append((key.replace("_", " "), lambda r, key=key: r[split].get(key, math.nan)))
     return columns
 
 
-def markdown_table(results: list[dict], split: str = "test") -> str:
+def markdown_table(
+    results: list[dict], split: str = "test", comparisons: dict[str, Comparison] | None = None, baseline: str | None = None
+) -> str:
+    """One row per method; with ``comparisons`` and their ``baseline``, a Δ column after the accuracy."""
     columns = summary_columns(results, split)
-    header = ["method", "runs", *[c[0] for c in columns], "imbalance ratio", "s/step (ms)"]
+    names = [c[0] for c in columns]
+    if comparisons is not None:
+        names.insert(1, column_name(baseline))
+    header = ["method", "runs", *names, "imbalance ratio", "s/step (ms)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, runs in group_by_method(results).items():
         cells = [method, str(len(runs))]
         cells += [fmt([get(r) for r in runs]) for _, get in columns]
-        cells.append(fmt([r[split]["imbalance_ratio"] for r in runs], scale=1.0, digits=2))
-        cells.append(fmt([r["seconds_per_step"] for r in runs], scale=1000.0, digits=2))
+        if comparisons is not None:
+            cells.insert(3, cell(comparisons.get(method)))
+        cells.append(fmt([r[split].get("imbalance_ratio", math.nan) for r in runs], scale=1.0, digits=2))
+        cells.append(fmt([r.get("seconds_per_step", math.nan) for r in runs], scale=1000.0, digits=2))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def bar_chart(results: list[dict], path: Path, split: str = "test", title: str = "") -> None:
-    """Grouped bars (mean ± std) of accuracy and each modality-only accuracy per method."""
-    import matplotlib
+def bar_chart(
+    results: list[dict],
+    path: Path,
+    split: str = "test",
+    title: str = "",
+    comparisons: dict[str, Comparison] | None = None,
+    note: str = "",
+    num_classes: int | None = None,
+) -> list[Path]:
+    """``bar_figure`` written as ``path`` (PNG) and its PDF twin; the paths written."""
+    return save_figure(bar_figure(results, split, title, comparisons, note, num_classes), path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def bar_figure(
+    results: list[dict],
+    split: str = "test",
+    title: str = "",
+    comparisons: dict[str, Comparison] | None = None,
+    note: str = "",
+    num_classes: int | None = None,
+):
+    """Grouped bars (mean ± std) of accuracy and each modality-only accuracy per method, in %.
+
+    Error bars only for a method with more than one run; a chance line at
+    100/C where C is known. With ``comparisons``, each method's accuracy bar
+    carries its Δ against the baseline in points, marked when significant;
+    ``note`` (under the title) says how to read it.
+    """
+    plt = pyplot()
     groups = group_by_method(results)
     modalities = results[0]["modalities"]
     metrics = [("accuracy", lambda r: r[split]["accuracy"])]
-    metrics += [(f"{m} only", lambda r, m=m: r[split]["modality_accuracy"][m]) for m in modalities]
+    metrics += [(f"{m} only", lambda r, m=m: r[split].get("modality_accuracy", {}).get(m, math.nan)) for m in modalities]
     width = 0.8 / len(groups)
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(metrics) * max(1, len(groups) / 2)), 4))
     for k, (method, runs) in enumerate(groups.items()):
         stats = [mean_std([get(r) for r in runs]) for _, get in metrics]
         xs = [i + (k - (len(groups) - 1) / 2) * width for i in range(len(metrics))]
-        ax.bar(xs, [100 * s[0] for s in stats], width, yerr=[100 * s[1] for s in stats], capsize=3, label=method)
+        heights = [100 * s[0] for s in stats]
+        errors = [100 * s[1] for s in stats] if len(runs) > 1 else None  # one run: no spread to draw
+        ax.bar(xs, heights, width, yerr=errors, capsize=3, label=method)
+        comparison = (comparisons or {}).get(method)
+        if comparison is not None and comparison.p is not None:
+            text = points(comparison.mean) + (MARK if comparison.significant else "")
+            top = heights[0] + (errors[0] if errors else 0)
+            ax.annotate(text, (xs[0], min(top, 100)), xytext=(0, 2), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(metrics)))
     ax.set_xticklabels([name for name, _ in metrics])
-    ax.set_ylabel(f"{split} accuracy (%)")
+    chance_line(ax, num_classes)
+    ax.set_ylabel(readable(f"{split}/accuracy"))
     ax.set_ylim(0, 100)
-    ax.set_title(title)
-    ax.legend()
+    ax.set_title(title + ("\n" + textwrap.fill(note, 80) if note else ""), fontsize=9 if note else None)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    place_legend(ax)
+    return fig

@@ -67,6 +67,7 @@ from ..errors import ConfigError
 from ..evaluation.shapley import all_coalitions
 from ..models.multimodal import zero_out
 from ..registry import METHODS
+from ..search_space import FloatRange
 from .base import Plugin
 from .window import WindowConfig, in_window
 
@@ -193,6 +194,11 @@ class AGM(Plugin):
         clip_norm: Optional[float] = Field(
             None, gt=0, description="global gradient norm clipped to; unset: 1 (5 encoder_grad)"
         )
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options agm`)
+    search_space = {
+        "alpha": FloatRange(0.01, 1.0, log=True),
+    }
 
     def __init__(self, config, modalities, num_classes):
         super().__init__(config, modalities, num_classes)

@@ -35,6 +35,7 @@ from pydantic import Field
 from torch import Tensor
 
 from ..registry import METHODS
+from ..search_space import FloatRange
 from .base import Plugin
 from .gradient_scaling import scale_gradient_
 from .window import WindowConfig, in_window
@@ -79,6 +80,13 @@ class ARL(Plugin):
             description="paper: γ throughout, scaling from modulation_starts; official (the authors' code): "
             "γ = 1 before modulation_starts, scaling from the epoch after it",
         )
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options arl`)
+    search_space = {
+        "temperature": FloatRange(1.0, 16.0, log=True),
+        "unimodal_weight": FloatRange(0.5, 8.0, log=True),
+        "entropy_floor": FloatRange(0.0, 0.6),
+    }
 
     defaults = {"train.grad_clip": 40.0}
     auxiliary_options = ("unimodal_weight",)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..registry import METHODS
+from ..search_space import Choice, FloatRange
 from .base import Plugin
 from .cal import ROLE
 from .contribution import LOGGED, ContributionConfig, ContributionTracker, EpochMeans
@@ -26,6 +27,14 @@ class CALAcceleration(Plugin):
     """CAL's contribution-guided gradient acceleration (1 + ρ_m on each encoder), for any objective."""
 
     Config = ContributionConfig
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options cal_accel`)
+    search_space = {
+        "temperature": FloatRange(1.0, 16.0, log=True),
+        "momentum": FloatRange(0.5, 0.99),
+        "confidence": Choice(["probability", "ema", "entropy"]),
+    }
+
     defaults = {"train.grad_clip": 40.0}
     exclusive = (ROLE,)
 

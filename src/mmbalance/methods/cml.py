@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..models.readouts import coalition_logits
 from ..registry import METHODS
+from ..search_space import Choice, FloatRange
 from .base import Objective, cross_entropy
 from .window import WindowConfig, in_window
 
@@ -95,6 +96,12 @@ class CML(Objective):
             description="paper: per-sample hinge, averaged over the batch; "
             "bmm: BalanceMM's hinge of the batch sum (not divided by B)",
         )
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options cml`)
+    search_space = {
+        "lam": FloatRange(0.01, 1.0, log=True),
+        "order": Choice(["epoch", "step"]),
+    }
 
     def __init__(self, config, modalities, num_classes):
         super().__init__(config, modalities, num_classes)

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from ..config import Section
 from ..models.readouts import restricted_logits, zeroed_logits
 from ..registry import METHODS
+from ..search_space import Choice, FloatRange
 from .base import Objective, accuracy_of
 from .record import StepRecord
 
@@ -111,6 +112,12 @@ class DGL(Objective):
             description="unimodal logits v_m: zeroed = fuse(f^{m}) with the full fusion bias (the authors' code); "
             "bias_corrected = d_m = fuse(f^{m}) − (M−1)/M · fuse(f^∅)",
         )
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options dgl`)
+    search_space = {
+        "alpha": FloatRange(0.5, 8.0, log=True),
+        "variant": Choice(["zeroed", "bias_corrected"]),
+    }
 
     #: the authors clip the global gradient norm at 40
     defaults = {"train.grad_clip": 40.0}

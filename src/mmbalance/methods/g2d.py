@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..models.readouts import true_class_probability
 from ..registry import METHODS
+from ..search_space import FloatRange
 from .base import Objective, cross_entropy
 from .unimodal_teachers import TeacherConfig, UnimodalTeachers, check_teacher_config, teacher_epochs
 from .window import WindowConfig, window_bounds
@@ -202,6 +203,13 @@ class G2D(Objective):
         logit_weight: float = Field(1.0, ge=0, description="λ_l, weight of each τ² KL(p(l^T_m/τ) ‖ p(z/τ)) term (code: 1)")
         temperature: float = Field(1.0, gt=0, le=100, description="τ of the logit distillation (code: 1)")
         smp: bool = Field(True, description="apply Sequential Modality Prioritization inside its window")
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options g2d`)
+    search_space = {
+        "feature_weight": FloatRange(0.1, 4.0, log=True),
+        "logit_weight": FloatRange(0.1, 4.0, log=True),
+        "temperature": FloatRange(0.5, 8.0, log=True),
+    }
 
     exclusive = (ROLE,)
 

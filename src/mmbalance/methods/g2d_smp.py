@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..registry import METHODS
+from ..search_space import Choice
 from .base import Plugin
 from .g2d import (
     CONFIDENCE,
@@ -55,6 +56,12 @@ class G2DSMP(Plugin):
 
     class Config(SMPConfig, TeacherConfig):
         pass
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options g2d_smp`)
+    search_space = {
+        "freeze": Choice(["all_encoder_grads", "code"]),
+        "hard_freeze": Choice([False, True]),
+    }
 
     exclusive = (ROLE,)
 

@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader
 from ..config import Section
 from ..errors import ConfigError, MMBalanceError
 from ..registry import METHODS
+from ..search_space import Choice, IntRange
 from .base import Objective, cross_entropy
 
 FUSED = "fused"
@@ -181,6 +182,12 @@ class GBlending(Objective):
         finetune_epochs: int = Field(
             25, ge=0, description="variant=multibench: epochs of the fused-head fine-tune after every super-epoch (0: none)"
         )
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options gblending`)
+    search_space = {
+        "super_epoch": IntRange(2, 10),
+        "schedule": Choice(["online", "offline"]),
+    }
 
     def __init__(self, config, modalities, num_classes):
         super().__init__(config, modalities, num_classes)

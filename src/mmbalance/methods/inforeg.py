@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..registry import METHODS
+from ..search_space import FloatRange
 from .base import Plugin, cross_entropy
 from .window import WindowConfig, in_window
 
@@ -195,6 +196,12 @@ class InfoReg(Plugin):
             [0.95, 0.1], min_length=2, max_length=2,
             description="variant=code: factors of α for the first (the code's audio) and the second modality",
         )
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options inforeg`)
+    search_space = {
+        "beta": FloatRange(0.3, 3.0, log=True),
+        "threshold": FloatRange(0.01, 0.2, log=True),
+    }
 
     auxiliary_options = ("unimodal_weight",)
 

@@ -62,6 +62,7 @@ from ..config import Section
 from ..errors import ConfigError
 from ..models.readouts import restricted_logits
 from ..registry import METHODS
+from ..search_space import FloatRange
 from .base import Objective, cross_entropy
 
 Alignment = Literal["contrastive", "js", "bmm_js"]
@@ -238,6 +239,13 @@ class LFM(Objective):
         )
         heuristic_rate: float = Field(0.3, gt=0, le=100, description="rate a of the heuristic α(t) = exp(−a·t)")
         loss_scale: float = Field(2.0, gt=0, le=100, description="s in L = s·((1−α)·CE + α·L_align) (BMM's 2)")
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options lfm`)
+    search_space = {
+        "temperature": FloatRange(0.05, 1.0, log=True),
+        "alpha_init": FloatRange(0.05, 0.5),
+        "lr_alpha": FloatRange(1e-5, 1e-2, log=True),
+    }
 
     def __init__(self, config, modalities, num_classes):
         super().__init__(config, modalities, num_classes)

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..models.readouts import modality_scores, true_class_probability
 from ..registry import METHODS
+from ..search_space import FloatRange
 from .base import Objective, cross_entropy
 from .window import WindowConfig, in_window
 
@@ -156,6 +157,12 @@ class MBSD(Objective):
             "p_w[y]·(log p_w[y] − p_s[y]) (not a divergence; for reproduction)",
         )
 
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options mbsd`)
+    search_space = {
+        "unimodal_weight": FloatRange(0.1, 4.0, log=True),
+        "rs_weight": FloatRange(0.1, 4.0, log=True),
+        "kl_weight": FloatRange(0.1, 4.0, log=True),
+    }
 
     def training_step(self, model, batch, ctx):
         features = self.encode_batch(model, batch)

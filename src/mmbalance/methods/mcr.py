@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..registry import METHODS
+from ..search_space import FloatRange
 from .base import Plugin
 from .window import WindowConfig, in_window
 
@@ -220,6 +221,13 @@ class MCR(Plugin):
         ceb_hidden: Optional[int] = Field(
             None, ge=1, description="hidden width of L_CEB's decoder; unset: the largest feature dimension"
         )
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options mcr`)
+    search_space = {
+        "mipd_weight": FloatRange(0.01, 1.0, log=True),
+        "contrastive_weight": FloatRange(0.1, 2.0, log=True),
+        "temperature": FloatRange(0.1, 1.0, log=True),
+    }
 
     auxiliary_options = ("mipd_weight", "contrastive_weight", "ceb_weight")
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from ..registry import METHODS
+from ..search_space import Choice, FloatRange
 from .mixing import MixingConfig, MixingPlugin
 
 
@@ -35,6 +36,13 @@ class Mixup(MixingPlugin):
             False,
             description="draw an independent λ_m for each modality; the label weight is the mean of the λ_m [unverified]",
         )
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options mixup`)
+    search_space = {
+        "alpha": FloatRange(0.1, 2.0, log=True),
+        "weight": FloatRange(0.25, 2.0, log=True),
+        "fused": Choice(["replace", "add"]),
+    }
 
     def granularity(self):
         return "modality" if self.config.per_modality_lambda else "batch"

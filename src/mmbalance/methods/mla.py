@@ -63,6 +63,7 @@ from torch import Tensor, nn
 from ..config import Section
 from ..errors import ConfigError
 from ..registry import METHODS
+from ..search_space import Choice
 from .base import Objective, cross_entropy
 
 #: record.shared keys of a sub-step record
@@ -154,6 +155,12 @@ class MLA(Objective):
         shuffle_order: bool = Field(
             False, description="train the modalities in a random order per batch (ctx.generator) instead of dataset order"
         )
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options mla`)
+    search_space = {
+        "gate": Choice(["sample", "batch"]),
+        "shuffle_order": Choice([False, True]),
+    }
 
     manual_optimization = True
 

@@ -47,6 +47,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..registry import METHODS
+from ..search_space import FloatRange
 from .base import Plugin, cross_entropy
 from .window import WindowConfig, in_window
 
@@ -164,6 +165,12 @@ class MMPareto(Plugin):
             description="paper: conflicting weights clipped to [0.001, 0.999] (BASELINES §5); official: the "
             "authors' min-norm solver, the analytic weight unclipped, 0.999/0.001 only at the segment's ends",
         )
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options mmpareto`)
+    search_space = {
+        "gamma": FloatRange(1.0, 3.0),
+        "unimodal_weight": FloatRange(0.25, 4.0, log=True),
+    }
 
     auxiliary_options = ("unimodal_weight",)
 

@@ -35,6 +35,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..models.readouts import modality_scores
 from ..registry import METHODS
+from ..search_space import Choice, FloatRange
 from .base import Plugin
 from .discrepancy import MultiRatio, discrepancy_ratios
 from .window import WindowConfig, in_window
@@ -148,6 +149,11 @@ class OGMGE(Plugin):
             "fusion", description="scores from the fusion-restricted logits d_m (paper) or the unimodal heads"
         )
 
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options ogm_ge`)
+    search_space = {
+        "alpha": FloatRange(0.05, 1.0, log=True),
+        "variant": Choice(["OGM_GE", "OGM"]),
+    }
 
     @property
     def key(self) -> str:

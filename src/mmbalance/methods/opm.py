@@ -41,6 +41,7 @@ from pydantic import Field
 from torch import Tensor
 
 from ..registry import METHODS
+from ..search_space import FloatRange
 from .base import Plugin
 from .discrepancy import MultiRatio, discrepancy_ratios
 from .mixing import ROLE as FUSED_REWRITE
@@ -140,6 +141,12 @@ class OPM(Plugin):
         )
         plus_factor: float = Field(4.0, gt=0, le=1000, description="OGM_plus: constant factor (official 4)")
 
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options opm`)
+    search_space = {
+        "q_base": FloatRange(0.2, 0.8),
+        "lam": FloatRange(0.1, 2.0, log=True),
+        "p_exe": FloatRange(0.3, 1.0),
+    }
 
     @property
     def key(self) -> str:

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from ..models.readouts import modality_scores
 from ..registry import METHODS
+from ..search_space import FloatRange
 from .base import Plugin, cross_entropy
 from .window import WindowConfig, in_window
 
@@ -172,6 +173,12 @@ class PMR(Plugin):
             description="paper: every prototype pass after the first is smoothed; official (the authors' code): "
             "the first two are not",
         )
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options pmr`)
+    search_space = {
+        "alpha": FloatRange(0.1, 2.0, log=True),
+        "momentum": FloatRange(0.0, 0.9),
+    }
 
     auxiliary_options = ("alpha", "entropy_weight")
 

@@ -28,6 +28,7 @@ from typing import Optional
 from pydantic import Field
 
 from ..registry import METHODS
+from ..search_space import Choice, FloatRange
 from .mixing import Granularity, MixingConfig, MixingPlugin
 
 
@@ -45,6 +46,13 @@ class PowMix(MixingPlugin):
             description="dimension: a λ vector over each modality's feature dimensions (anisotropic); modality: one λ "
             "per modality; batch: one λ for all (Mixup); the label weight is the mean of all λ's [unverified]",
         )
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options powmix`)
+    search_space = {
+        "alpha": FloatRange(0.1, 2.0, log=True),
+        "weight": FloatRange(0.25, 2.0, log=True),
+        "lambdas": Choice(["batch", "modality", "dimension"]),
+    }
 
     def granularity(self):
         return self.config.lambdas

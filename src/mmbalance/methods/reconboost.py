@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from ..config import Section
 from ..errors import ConfigError
 from ..registry import METHODS
+from ..search_space import FloatRange
 from .base import Objective, cross_entropy
 
 #: the name of the one optimizer the method configures
@@ -200,6 +201,14 @@ class ReconBoost(Objective):
             description="every modality's learner is in the ensemble from the start (official --use_pretrain, with "
             "encoders from model.pretrained); off: a learner joins after its first phase 1",
         )
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options reconboost`)
+    search_space = {
+        "w1": FloatRange(1.0, 8.0),
+        "w2": FloatRange(0.25, 2.0, log=True),
+        "ga_weight": FloatRange(0.1, 2.0, log=True),
+        "boost_rate": FloatRange(0.01, 1.0, log=True),
+    }
 
     def __init__(self, config, modalities, num_classes):
         super().__init__(config, modalities, num_classes)

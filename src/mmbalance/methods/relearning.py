@@ -32,6 +32,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..registry import METHODS
+from ..search_space import FloatRange, IntRange
 from .base import Plugin
 from .window import WindowConfig, in_window
 
@@ -202,6 +203,12 @@ class ReLearning(Plugin):
             description="keep: the optimizer's state of re-initialised parameters is left as is (spec and "
             "authors' code); reset: it is dropped, so momentum and Adam moments restart from zero",
         )
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options relearning`)
+    search_space = {
+        "strength_lambda": FloatRange(0.5, 6.0, log=True),
+        "reinit_times": IntRange(1, 4),
+    }
 
     def __init__(self, config, modalities, num_classes):
         super().__init__(config, modalities, num_classes)

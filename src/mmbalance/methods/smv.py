@@ -48,6 +48,7 @@ from ..errors import ConfigError
 from ..evaluation.shapley import all_coalitions
 from ..models.multimodal import zero_out
 from ..registry import METHODS
+from ..search_space import Choice, FloatRange
 from .base import Plugin
 
 SEED_DRAW_LIMIT = 2**62
@@ -127,6 +128,13 @@ class SMV(Plugin):
         alpha: float = Field(1.0, ge=0, description="modality level: scale of r (official 1; BalanceMM 0.5)")
         subset: float = Field(0.2, gt=0, le=1, description="modality level: fraction of the training set (with replacement) averaged into φ̄")
         ratio: Literal["linear", "tanh", "power"] = Field("linear", description="modality level: r = (2/3)·spread·α, tanh of it, or ((2/3)·spread)^1.5·α")
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options smv`)
+    search_space = {
+        "level": Choice(["sample", "modality"]),
+        "alpha": FloatRange(0.25, 2.0, log=True),
+        "subset": FloatRange(0.1, 0.5),
+    }
 
     def __init__(self, config, modalities, num_classes):
         super().__init__(config, modalities, num_classes)

@@ -36,6 +36,7 @@ from pydantic import Field
 from torch import Tensor
 
 from ..registry import METHODS
+from ..search_space import Choice, FloatRange
 from .base import Objective, cross_entropy
 from .unimodal_teachers import TeacherConfig, UnimodalTeachers, check_teacher_config, teacher_epochs
 from .window import WindowConfig, in_window
@@ -116,6 +117,10 @@ class UMT(_TeacherObjective):
             0, ge=0, description="first epoch (0-based) with the distillation term (paper: 0; BMM applies it in its window)"
         )
 
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options umt`)
+    search_space = {
+        "distillation_weight": FloatRange(1.0, 30.0, log=True),
+    }
 
     def training_step(self, model, batch, ctx):
         features = self.encode_batch(model, batch)
@@ -142,6 +147,11 @@ class UME(_TeacherObjective):
             "probabilities",
             description="average the teachers' softmax probabilities or their logits (which the paper uses is unverified)",
         )
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options ume`)
+    search_space = {
+        "ensemble": Choice(["probabilities", "logits"]),
+    }
 
     def encode(self, model, inputs):
         """The teachers' logits stand for the features: evaluation and every readout go through the teachers."""
