@@ -10,7 +10,7 @@ Output folder::
 
     robustness.md          one table per target: rows = methods (mean ± std over runs), columns = ε, AUC
     robustness.json        every run's accuracy at every (target, ε)
-    robustness-TARGET.png  accuracy against ε, one curve per method (std band over runs)
+    robustness-TARGET.png  accuracy against ε, one curve per method (std band over runs; also as .pdf)
 
 AUC is the area under accuracy-vs-ε divided by the ε range, i.e. the mean
 accuracy over the swept range (with one level: that level's accuracy).
@@ -31,6 +31,8 @@ from ..data.batch import collate
 from ..data.corruptions import Corruption, build_corruption
 from ..data.loading import load_dataset
 from ..errors import MMBalanceError
+from ..evaluation.figures import chance_line, place_legend, pyplot, save_figure
+from ..evaluation.labels import readable
 from .summary import fmt, group_by_method, mean_std
 from ..files import atomic_write_json, atomic_write_text
 from ..api import load_run as load_run_folder
@@ -178,6 +180,7 @@ def robustness_report(
         check_run_folder(run_dir)
     trainer = load_run(run_dirs[0])
     targets = resolve_targets(modalities, trainer.bundle.modalities)
+    num_classes = trainer.bundle.num_classes
     check_applicable(corruptions[-1], trainer.bundle, targets)
     check_writable(out_dir)
 
@@ -202,6 +205,7 @@ def robustness_report(
         "seed": seed,
         "split": "test",
         "targets": targets,
+        "num_classes": num_classes,
         "runs": records,
     }
     atomic_write_json(out_dir / "robustness.json", report)
@@ -234,17 +238,19 @@ def markdown_report(report: dict, command: str | None = None) -> str:
             cells += [fmt([r["accuracy"][target][i] for r in runs]) for i in range(len(levels))]
             cells.append(fmt([r["auc"][target] for r in runs]))
             parts.append("| " + " | ".join(cells) + " |")
-        parts += ["", f"![accuracy against ε](robustness-{target}.png)", ""]
+        parts += ["", f"![accuracy against ε](robustness-{target}.png) ([PDF](robustness-{target}.pdf))", ""]
     return "\n".join(parts)
 
 
-def plot_target(report: dict, target: str, path: Path) -> None:
-    """Accuracy against ε, one curve per method, a std band where a method has several runs."""
-    import matplotlib
+def plot_target(report: dict, target: str, path: Path) -> list[Path]:
+    """``target_figure`` written as ``path`` (PNG) and its PDF twin; the paths written."""
+    return save_figure(target_figure(report, target), path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def target_figure(report: dict, target: str):
+    """Accuracy (%) against ε, one curve per method, a std band where a method has several runs,
+    and a chance line where the report knows the number of classes."""
+    plt = pyplot()
     levels = report["levels"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, runs in group_by_method(report["runs"]).items():
@@ -253,13 +259,13 @@ def plot_target(report: dict, target: str, path: Path) -> None:
         line, = ax.plot(levels, means, marker="o", label=f"{label} (n={len(runs)})")
         if len(runs) > 1:
             ax.fill_between(levels, [m - s for m, s in stats], [m + s for m, s in stats], color=line.get_color(), alpha=0.2)
+    chance_line(ax, report.get("num_classes"))
     modalities = " + ".join(report["targets"][target])
-    ax.set_xlabel("ε")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_xlabel(readable("corruption/level"))
+    ax.set_ylabel(readable(f"{report.get('split', 'test')}/accuracy"))
     ax.set_ylim(0, 100)
     ax.set_title(f"{report['corruption']} on {modalities} (fraction {report['fraction']:g})")
-    ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    place_legend(ax)
+    return fig
