@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 from .registry import DATASETS, METHODS, closest
@@ -40,13 +40,52 @@ class TrainConfig(Section):
     optimizer: Literal["sgd", "adamw"] = "adamw"
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
-    scheduler: Literal["none", "step", "cosine"] = "none"
+    scheduler: Literal["none", "step", "cosine", "plateau"] = Field(
+        "none",
+        description="epoch-level learning-rate schedule: none, step (StepLR), cosine (over the epochs after warm-up), "
+        "plateau (ReduceLROnPlateau on validation accuracy)",
+    )
     step_size: int = Field(30, ge=1, description="StepLR period in epochs")
-    gamma: float = Field(0.1, gt=0, le=1, description="StepLR decay factor")
+    gamma: float = Field(0.1, gt=0, le=1, description="decay factor of step and plateau (plateau needs it below 1)")
+    plateau_patience: int = Field(
+        10, ge=0, description="scheduler=plateau: epochs without a validation accuracy gain before the lr is multiplied by gamma"
+    )
+    warmup_epochs: int = Field(
+        0, ge=0,
+        description="linear learning-rate warm-up per optimizer step over this many epochs (lr/steps up to lr), "
+        "then the scheduler; 0 turns it off",
+    )
     grad_clip: float = Field(0.0, ge=0, description="max gradient norm; 0 turns clipping off")
+    precision: Literal["32", "bf16", "16"] = Field(
+        "32",
+        description="training forward pass: 32 (float32), bf16 (bfloat16 autocast, CPU or GPU), 16 (float16 autocast "
+        "with gradient scaling, CUDA only); evaluation is always float32; 16 and 32 may be written as numbers",
+    )
+    accumulate: int = Field(
+        1, ge=1, description="micro-batches per optimizer step (gradient accumulation); parts must support it"
+    )
+    early_stop: int = Field(
+        0, ge=0, description="stop after this many epochs without a validation accuracy gain above early_stop_delta; 0 off"
+    )
+    early_stop_delta: float = Field(0.0, ge=0, description="smallest validation accuracy gain that resets early_stop's patience")
     num_workers: int = Field(0, ge=0)
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     eval_batch_size: int = Field(256, ge=1)
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_as_text(cls, value: Any) -> Any:
+        """``--set train.precision=16`` reads 16 as a number: the numbers 16 and 32 mean the settings "16" and "32"."""
+        if type(value) is int and value in (16, 32):
+            return str(value)
+        return value
+
+    @field_validator("gamma")
+    @classmethod
+    def _plateau_needs_decay(cls, value: float, info) -> float:
+        if value >= 1 and info.data.get("scheduler") == "plateau":
+            raise ValueError("must be below 1 with train.scheduler=plateau, which multiplies the lr by it")
+        return value
 
 
 class DataConfig(Section):

@@ -23,6 +23,12 @@ part, the objective first, then the plugins in the order of the spec)::
 An objective with ``manual_optimization = True`` does its own backward and
 steps through ``ctx.manual_step``, which keeps averaging, the plugins'
 ``after_backward`` and clipping.
+
+With ``train.accumulate`` = k the forward hooks and the backward run per
+micro-batch; averaging, ``after_backward``, clipping, the step and
+``after_step`` run once per optimizer step, with the last micro-batch's
+record (``ctx.step_records`` holds them all). Only parts that declare
+``accumulation = True`` may run so.
 """
 
 from __future__ import annotations
@@ -56,6 +62,11 @@ class Part(nn.Module):
     exclusive: ClassVar[tuple[str, ...]] = ()
     #: the part calls backward and steps the optimizer itself (through ``ctx.manual_step``)
     manual_optimization: ClassVar[bool] = False
+    #: the part trains correctly with ``train.accumulate`` > 1 (several micro-batches per optimizer
+    #: step): its work is loss terms, schedules, or statistics pooled over ``ctx.step_records``
+    #: (BASELINES §1.4.7). Off by default: a part that modulates gradients from each batch's
+    #: statistics would apply them per micro-batch, so a run with accumulation refuses it.
+    accumulation: ClassVar[bool] = False
 
     def __init__(self, config: Section, modalities: list[str], num_classes: int):
         super().__init__()

@@ -14,6 +14,7 @@ class Joint(Objective):
     """Fused cross-entropy (optionally plus the unimodal heads' losses); the default objective."""
 
     honours_keep = True
+    accumulation = True  # loss terms only
 
     class Config(Section):
         unimodal_weight: float = Field(

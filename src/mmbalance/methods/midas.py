@@ -19,10 +19,26 @@ from pydantic import Field
 from ..evaluation.metrics import Metric
 from ..misalignment import MisalignmentLoss, misaligned_inputs
 from ..registry import METHODS
+from ..search_space import Choice, FloatRange
 from .base import Objective, cross_entropy
 from .window import WindowConfig, in_window, window_bounds
 
 STATS = "midas/stats"
+
+
+def pooled_micro_batches(stats: list[dict]) -> dict:
+    """The misaligned-sample statistics of several micro-batches as one batch's: count-weighted means."""
+    if len(stats) == 1:
+        return stats[0]
+    stats = [MisalignmentLoss.pool(s, lambda flat: flat) for s in stats]  # the per-sample means and the count
+    count = torch.stack([s["count"] for s in stats])
+    total = count.sum()
+    pooled = {
+        key: sum(s[key] * n for s, n in zip(stats, count)) / total.clamp_min(1e-12)
+        for key in stats[0] if key != "count"
+    }
+    pooled["count"] = total
+    return pooled
 
 
 @METHODS.register("midas")
@@ -30,6 +46,7 @@ class MIDAS(Objective):
     """Misaligned-sample augmentation with confidence soft labels (Hwang et al., NeurIPS 2025)."""
 
     honours_keep = True
+    accumulation = True  # loss terms, and α moved once per optimizer step from every micro-batch's statistics
 
     class Config(WindowConfig):
         level: Literal["feature", "input"] = Field(
@@ -59,6 +76,14 @@ class MIDAS(Objective):
             "unimodal loss averaged over modalities)",
         )
         alpha_max: float = Field(10.0, ge=1, description="upper bound of α in the official variant")
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options midas`)
+    search_space = {
+        "lam": FloatRange(0.1, 4.0, log=True),
+        "eta": FloatRange(0.005, 0.5, log=True),
+        "hard_weighting": Choice([True, False]),
+        "similarity": Choice(["cosine", "l2"]),
+    }
 
     def __init__(self, config, modalities, num_classes):
         super().__init__(config, modalities, num_classes)
@@ -133,9 +158,11 @@ class MIDAS(Objective):
         return record
 
     def after_step(self, record, ctx):
-        # The paper moves α after each step; every process pools its statistics first so all move alike.
-        if STATS in record.shared:
-            self.misalignment.update_alpha(record.shared[STATS], reduce=ctx.dist.mean)
+        # The paper moves α after each step; every process pools its statistics first so all move alike,
+        # and with gradient accumulation the step's micro-batches are pooled too (BASELINES §1.4.7).
+        stats = [r.shared[STATS] for r in (ctx.step_records or [record]) if STATS in r.shared]
+        if stats:
+            self.misalignment.update_alpha(pooled_micro_batches(stats), reduce=ctx.dist.mean)
 
     def on_epoch_end(self, model, ctx):
         logs = {f"midas/alpha/{m}": float(a) for m, a in zip(self.modalities, self.misalignment.alpha)}

@@ -39,6 +39,7 @@ from ..config import Section
 from ..errors import ConfigError
 from ..models.fusion import ConcatFusion, SumFusion
 from ..registry import METHODS
+from ..search_space import FloatRange
 from .base import Objective, cross_entropy
 
 #: below this norm a vector has no direction: it normalises to 0 (F.normalize's eps)
@@ -97,6 +98,7 @@ class MMCosine(Objective):
     """Scaled per-modality cosine logits, no bias: norms cannot make a modality dominate (Xu et al., ICASSP 2023)."""
 
     honours_keep = True
+    accumulation = True  # loss terms only
 
     class Config(Section):
         scale: float = Field(10.0, gt=0, description="s, the scale of the cosine logits (10 in the authors' code, 15 in BalanceMM)")
@@ -113,6 +115,12 @@ class MMCosine(Objective):
         )
         lam: float = Field(0.0, ge=0, description="weight of the supplement's cross-modal NCE term (0: off)")
         nce_temperature: float = Field(0.1, gt=0, description="temperature T of the NCE term")
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options mmcosine`)
+    search_space = {
+        "scale": FloatRange(5.0, 30.0, log=True),
+        "lam": FloatRange(0.0, 0.5),
+    }
 
     auxiliary_options = ("lam",)
 

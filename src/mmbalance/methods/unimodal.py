@@ -25,6 +25,8 @@ class Unimodal(Objective):
     modality-only accuracy of this run is also a unimodal reference.
     """
 
+    accumulation = True  # loss terms only
+
     class Config(Section):
         modality: str = Field("all", description="a modality name, or 'all' to train each one alone")
 

@@ -26,6 +26,13 @@ class TrainContext:
     module inside the run, resumably (``training/teachers.py``).
     ``encode(inputs)`` and ``predict_from_features(features)`` read the model
     as the run does (valuation passes that must score what the run predicts).
+
+    ``global_step``, ``step_in_epoch`` and ``steps_per_epoch`` count optimizer
+    steps: with ``train.accumulate`` = k, one step gathers k micro-batches
+    (fewer at the end of an epoch). ``step_records`` holds the records of the
+    micro-batches of the step being finished (``after_backward``,
+    ``after_step``), the last one being the record those hooks receive; it is
+    empty outside the trainer's step.
     """
 
     epoch: int
@@ -51,3 +58,5 @@ class TrainContext:
     #: the run's reading of the model: its objective's encode, and its prediction from features
     encode: Callable[[dict], dict] | None = None
     predict_from_features: Callable[[dict], torch.Tensor] | None = None
+    #: the StepRecords of the optimizer step being finished, one per micro-batch
+    step_records: list = field(default_factory=list)

@@ -10,8 +10,10 @@ Run folder::
     config.yaml     the resolved configuration
     metrics.jsonl   one line per epoch (train loss/accuracy, validation metrics, method logs)
     last.pt         everything needed to resume, rewritten atomically every epoch
-    best.pt         model and method state at the best validation accuracy
-    metrics.json    final validation and test metrics of the best checkpoint
+    best.pt         model and method state at the best validation accuracy, and the training
+                    statistics the dataset standardised inputs with (for ``mmbalance predict``)
+    metrics.json    final validation and test metrics of the best checkpoint (``stopped_epoch``: where
+                    early stopping ended the run, or null)
     scalars.csv     every per-epoch scalar, one column each (log.backends; also TensorBoard events)
 """
 
@@ -40,6 +42,7 @@ from ..methods.compose import Method
 from ..methods.record import StepRecord
 from ..models.multimodal import MultimodalModel, build_model
 from ..models.parameters import ParameterGroups
+from .accumulation import MicroBatch, check_accumulation, micro_batches, optimizer_steps
 from .checkpoint import (
     atomic_save,
     check_state_fits,
@@ -53,7 +56,9 @@ from .checkpoint import (
 from .context import TrainContext
 from .distributed import DistributedState, ShardedShuffleSampler
 from .loggers import RunLoggers, require_extras
+from .precision import Precision, check_precision
 from .progress import Progress
+from .schedules import build_schedule, step_after_epoch, step_after_optimizer
 from .teachers import TEACHER_FOLDER, TeacherFit
 
 HELDOUT_SEED_OFFSET = 7919  # the carve's seed differs from the split's, yet is the same for every method
@@ -93,6 +98,14 @@ def describe_mismatch(differences: list[tuple[str, Any, Any]], first: str, secon
     shown = "; ".join(f"{key}: {a!r} in {first}, {b!r} in {second}" for key, a, b in differences[:3])
     more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""
     return shown + more
+
+
+def with_defaults(stored: dict) -> dict:
+    """A checkpoint's config with the defaults of options added since it was written (as they were then)."""
+    try:
+        return RunConfig(stored).to_dict()
+    except MMBalanceError:  # a part or key this version no longer knows: compare as stored
+        return stored
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -143,6 +156,9 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         require_extras(config.log.backends)  # a missing optional logger is one line, before any data is read
+        check_precision(config.train.precision, self.device)  # so are a precision the device lacks
+        check_accumulation(config.train.accumulate, config.parts)  # and parts that cannot accumulate
+        self.precision = Precision(config.train.precision, self.device)
         seed_everything(config.seed)
         self.bundle = bundle if bundle is not None else load_dataset(config)
         self.train_data, self.heldout_data = heldout_split(self.bundle, config)
@@ -152,11 +168,14 @@ class Trainer:
         )
         self.method = build_method(config, self.bundle)
         self.progress = Progress(quiet, self.dist.is_main)
+        for m, encoder in self.model.encoders.items():  # model.pretrained: one line per encoder on what was loaded
+            if getattr(encoder, "pretrained_report", None) is not None:
+                self.progress.epoch_summary(f"{m} encoder: {encoder.pretrained_report.summary()}")
         self._build_loaders()
         self.ctx = TrainContext(
             epoch=0,
             max_epochs=config.train.epochs,
-            steps_per_epoch=len(self.train_loader),
+            steps_per_epoch=optimizer_steps(len(self.train_loader), config.train.accumulate),
             device=self.device,
             modalities=self.bundle.modalities,
             num_classes=self.bundle.num_classes,
@@ -191,6 +210,9 @@ class Trainer:
             "train_seconds": 0.0,
             "step_seconds": 0.0,
             "steps_timed": 0,
+            "stopped_epoch": 0,  # the epoch early stopping ended the run after; 0 while it has not
+            "early_stop_best": -math.inf,  # the validation accuracy early stopping measures gains from
+            "early_stop_epoch": 0,  # the epoch of that accuracy (or of the resume that extended a stopped run)
         }
         self.history: list[dict] = []  # one record per finished epoch: metrics.jsonl, and part of last.pt
         self.loggers: RunLoggers | None = None
@@ -204,12 +226,8 @@ class Trainer:
         return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
     def _make_scheduler(self, optimizer):
-        t = self.config.train
-        if t.scheduler == "step":
-            return torch.optim.lr_scheduler.StepLR(optimizer, step_size=t.step_size, gamma=t.gamma)
-        if t.scheduler == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
-        return None
+        """The run's schedule of one optimizer (``training/schedules.py``): warm-up, then train.scheduler."""
+        return build_schedule(optimizer, self.config.train, self.ctx.steps_per_epoch)
 
     def _configure_optimizers(self):
         configured = self.method.configure_optimizers(self.model, self.ctx)
@@ -221,6 +239,12 @@ class Trainer:
             schedulers = configured.get("schedulers")
             if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers.values()):
                 raise TypeError("configure_optimizers must return {'optimizers': {name: torch.optim.Optimizer, ...}}")
+        t = self.config.train
+        if schedulers is not None and (t.warmup_epochs > 0 or t.scheduler == "plateau"):
+            asked = f"train.warmup_epochs={t.warmup_epochs}" if t.warmup_epochs > 0 else "train.scheduler=plateau"
+            raise ConfigError(
+                f"{asked} cannot apply: method '{self.config.method}' sets its own learning-rate schedules; leave it unset"
+            )
         if schedulers is None:
             schedulers = {name: self._make_scheduler(opt) for name, opt in optimizers.items()}
         return optimizers, {name: s for name, s in schedulers.items() if s is not None}
@@ -267,8 +291,12 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------
     def evaluate_loader(self, loader) -> dict:
-        """The run's metrics on ``loader`` (sharded across processes); train mode is left as found."""
-        return evaluate(self.method, self.model, loader, self.device, self.bundle.modalities, self.bundle.num_classes, dist=self.dist)
+        """The run's metrics on ``loader`` (sharded across processes); train mode is left as found.
+
+        Always in float32, also when a part evaluates inside a mixed-precision forward pass.
+        """
+        with self.precision.full():
+            return evaluate(self.method, self.model, loader, self.device, self.bundle.modalities, self.bundle.num_classes, dist=self.dist)
 
     def evaluate(self, split: str) -> dict:
         loaders = {"train": self.train_eval_loader, "val": self.val_loader, "test": self.test_loader}
@@ -282,9 +310,15 @@ class Trainer:
     def _weights(self) -> dict:
         return {"model": self.model.state_dict(), "method": self.method.state_dict()}
 
+    def _standardisation_state(self) -> dict:
+        """The training statistics the dataset standardised inputs with, so that prediction can apply them."""
+        return {m: fitted.to_state() for m, fitted in getattr(self.bundle, "standardisation", {}).items()}
+
     def _last_checkpoint(self) -> dict:
         config = self.config.to_dict()
+        scaler = self.precision.state_dict()  # float16's gradient scale, so a resumed run scales alike
         return {
+            **({"scaler": scaler} if scaler is not None else {}),
             **self._weights(),
             "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
             "schedulers": {name: s.state_dict() for name, s in self.schedulers.items()},
@@ -318,11 +352,18 @@ class Trainer:
             opt.load_state_dict(checkpoint["optimizers"][name])
         for name, scheduler in self.schedulers.items():
             scheduler.load_state_dict(checkpoint["schedulers"][name])
+        self.precision.load_state_dict(checkpoint.get("scaler"))
         self.state.update(checkpoint["state"])
         if self.state["epoch"] > self.config.train.epochs:
             raise MMBalanceError(
                 f"train.epochs={self.config.train.epochs} is below the {self.state['epoch']} epochs {path} has trained already"
             )
+        stored = checkpoint.get("config")
+        stored_epochs = stored.get("train", {}).get("epochs") if isinstance(stored, dict) else None
+        if self.state["stopped_epoch"] and isinstance(stored_epochs, int) and self.config.train.epochs > stored_epochs:
+            # an early-stopped run extended with more epochs trains on; its patience counts from here
+            self.state["stopped_epoch"] = 0
+            self.state["early_stop_epoch"] = self.state["epoch"]
         set_rng_state(checkpoint["rng"])
         self.ctx.generator.set_state(checkpoint["generator"])
         self.history = list(checkpoint["history"])
@@ -337,7 +378,7 @@ class Trainer:
                 raise MMBalanceError(
                     f"{path} was trained with method '{stored.get('method')}', this run's method is '{self.config.method}'"
                 )
-            mismatch = config_mismatch(stored, self.config.to_dict())
+            mismatch = config_mismatch(with_defaults(stored), self.config.to_dict())
             if mismatch:
                 raise MMBalanceError(
                     f"{path} was trained with another configuration than this run's: "
@@ -347,9 +388,10 @@ class Trainer:
         return checkpoint
 
     # -- one optimisation step -------------------------------------------------
-    def _finish_gradients(self, record: StepRecord | None) -> None:
-        """Average across processes, let every part modulate, clip."""
+    def _finish_gradients(self, record: StepRecord | None, optimizers=None) -> None:
+        """Average across processes, unscale (float16), let every part modulate, clip."""
         self.dist.average_gradients(self.parameters)
+        self.precision.unscale(self.optimizers.values() if optimizers is None else optimizers)
         self.method.after_backward(record, self.ctx)
         if self.config.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in self.parameters if p.grad is not None], self.config.train.grad_clip)
@@ -362,9 +404,10 @@ class Trainer:
         one, and a parameter a sub-step does not reach is skipped by its optimizer.
         """
         optimizer = optimizer or self.ctx.optimizer
-        loss.backward()
-        self._finish_gradients(record)
-        optimizer.step()
+        with self.precision.full():  # called inside the forward's autocast: backward and step in float32
+            self.precision.backward(loss)
+            self._finish_gradients(record, [optimizer])
+            self.precision.step([optimizer])
         self._zero_grad()
 
     def _zero_grad(self) -> None:
@@ -373,17 +416,33 @@ class Trainer:
         for p in self.parameters:
             p.grad = None
 
-    def train_step(self, batch) -> StepRecord:
-        """One optimisation step on a batch already on the device; returns what it computed."""
+    def train_step(self, batch, micro: MicroBatch | None = None) -> StepRecord:
+        """One optimisation step on a batch already on the device; returns what it computed.
+
+        With ``micro`` the batch is one micro-batch of a step (``training/accumulation.py``):
+        the first clears the gradients, each adds its weighted share, the last steps.
+        """
         manual = self.method.manual_optimization
-        self._zero_grad()
-        record = self.method.training_step(self.model, batch, self.ctx)
+        first = micro is None or micro.first
+        last = micro is None or micro.last
+        if first:
+            self._zero_grad()
+            self.ctx.step_records = []
+        with self.precision.forward():
+            record = self.method.training_step(self.model, batch, self.ctx)
+        self.ctx.step_records.append(record)
         if not manual:
-            record.loss.backward()
-            self._finish_gradients(record)
-            for opt in self.optimizers.values():
-                opt.step()
-        self.method.after_step(record, self.ctx)
+            weight = 1.0 if micro is None else micro.weight
+            self.precision.backward(record.loss if weight == 1.0 else record.loss * weight)
+        if last:
+            if not manual:
+                self._finish_gradients(record)
+                self.precision.step(self.optimizers.values())
+            with self.precision.forward():  # after_step may compute on the step's tensors (LeMDA's augmenter)
+                self.method.after_step(record, self.ctx)
+            self.ctx.step_records = []
+            for schedule in self.schedulers.values():
+                step_after_optimizer(schedule)
         return record
 
     # -- training ------------------------------------------------------------
@@ -393,29 +452,32 @@ class Trainer:
         self.train_sampler.set_epoch(epoch)
         ctx = self.ctx
         ctx.epoch = epoch
-        ctx.train_loader, ctx.steps_per_epoch = self.train_loader, len(self.train_loader)
+        accumulate = self.config.train.accumulate
+        ctx.train_loader, ctx.steps_per_epoch = self.train_loader, optimizer_steps(len(self.train_loader), accumulate)
         self.method.on_epoch_start(self.model, ctx)
         loader = self._epoch_loader(epoch)
         ctx.train_loader = loader
-        ctx.steps_per_epoch = len(loader)
+        ctx.steps_per_epoch = optimizer_steps(len(loader), accumulate)
+        plan = micro_batches(len(loader.sampler), loader.batch_size, accumulate)  # one per batch of the loader
         device = self.device
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
         first_bad = torch.full((2,), -1.0, dtype=torch.float64, device=device)  # step, loss value
         log_sums: dict[str, torch.Tensor] = {}
         log_counts: dict[str, int] = {}
         bar = self.progress.epoch_bar(loader, epoch, self.config.train.epochs)
-        for step, batch in enumerate(bar):
+        for step, (batch, micro) in enumerate(zip(bar, plan, strict=True)):
             started = time.perf_counter()
-            ctx.step_in_epoch = step
+            ctx.step_in_epoch = micro.step
             ctx.global_step = self.state["global_step"]
             batch = batch.to(device, non_blocking=True)
-            record = self.train_step(batch)
+            record = self.train_step(batch, micro)
             loss = record.loss
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            self.state["step_seconds"] += time.perf_counter() - started
-            self.state["steps_timed"] += 1
-            self.state["global_step"] += 1
+            self.state["step_seconds"] += time.perf_counter() - started  # per optimizer step, its micro-batches summed
+            if micro.last:
+                self.state["steps_timed"] += 1
+                self.state["global_step"] += 1
             # everything below stays on the device: one synchronisation per epoch, not per step
             value = loss.detach().double()
             bad = ~torch.isfinite(value) & (first_bad[0] < 0)
@@ -448,9 +510,7 @@ class Trainer:
             logs = dict(zip(keys, self.dist.mean(means).tolist()))
         totals = self.dist.all_reduce_sum(totals).tolist()
         logs.update(self.method.on_epoch_end(self.model, ctx) or {})
-        for scheduler in self.schedulers.values():
-            scheduler.step()
-        self.dist.broadcast_module(self.model)
+        self.dist.broadcast_module(self.model)  # the schedules step after validation (plateau reads it)
         return {
             "train_loss": totals[0] / max(totals[2], 1),
             "train_accuracy": totals[1] / max(totals[2], 1),
@@ -526,6 +586,8 @@ class Trainer:
     def _train_and_finish(self) -> dict:
         epochs = self.config.train.epochs
         for epoch in range(self.state["epoch"], epochs):
+            if self.state["stopped_epoch"]:  # a resumed run that had stopped early (and was not extended)
+                break
             started = time.perf_counter()
             record = {"epoch": epoch + 1, "lr": self.ctx.optimizer.param_groups[0]["lr"]}
             record.update(self._train_epoch(epoch))
@@ -540,13 +602,41 @@ class Trainer:
                 self.state["best_epoch"] = epoch + 1
                 config = self.config.to_dict()
                 self._write("best.pt", {**self._weights(), "epoch": epoch + 1, "config": config,
-                                        "fingerprint": config_fingerprint(config)})
+                                        "fingerprint": config_fingerprint(config),
+                                        "standardisation": self._standardisation_state()})
+            for schedule in self.schedulers.values():
+                step_after_epoch(schedule, val["accuracy"])
+            self._check_early_stop(epoch + 1, val["accuracy"])
             self._write("last.pt", self._last_checkpoint())
             self._write_history()
             if self.loggers is not None:
                 self.loggers.log(record, self.history)
             self.progress.epoch_summary(epoch_line(record, epochs))
+            if self.state["stopped_epoch"]:
+                t = self.config.train
+                self.progress.epoch_summary(
+                    f"early stop after epoch {epoch + 1}: validation accuracy has not gained more than "
+                    f"{t.early_stop_delta:g} for {t.early_stop} epochs; best epoch {self.state['best_epoch']}"
+                )
+                break
         return self.finish()
+
+    def _check_early_stop(self, epoch: int, val_accuracy: float) -> None:
+        """Early stopping (``train.early_stop`` epochs of patience): mark the run stopped after ``epoch``.
+
+        A gain counts when it exceeds ``early_stop_delta``; the run stops once
+        ``early_stop`` epochs have passed since the last gain (so a run that
+        never improves on its first epoch stops after early_stop + 1 epochs).
+        The last epoch of the run is not an early stop.
+        """
+        t = self.config.train
+        if t.early_stop == 0:
+            return
+        if val_accuracy > self.state["early_stop_best"] + t.early_stop_delta:
+            self.state["early_stop_best"] = val_accuracy
+            self.state["early_stop_epoch"] = epoch
+        elif epoch - self.state["early_stop_epoch"] >= t.early_stop and epoch < t.epochs:
+            self.state["stopped_epoch"] = epoch
 
     def _write_history(self) -> None:
         """metrics.jsonl, rewritten whole from the records (atomic: never torn, never through a link)."""
@@ -563,8 +653,10 @@ class Trainer:
             "dataset": self.config.data.name,
             "seed": self.config.seed,
             "modalities": self.bundle.modalities,
+            "num_classes": self.bundle.num_classes,
             "best_epoch": self.state["best_epoch"],
             "epochs": self.config.train.epochs,
+            "stopped_epoch": self.state["stopped_epoch"] or None,
             "val": self.evaluate("val"),
             "test": self.evaluate("test"),
             "train_seconds": self.state["train_seconds"],
