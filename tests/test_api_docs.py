@@ -34,8 +34,10 @@ def test_every_snippet_runs_in_order(tmp_path, monkeypatch, capsys):
             exec(compile(code, f"docs/api.md:{name}", "exec"), namespace)
     finally:
         METHODS.unregister("boost")
-    assert namespace["probabilities"].shape == (5, 20)
-    assert abs(float(namespace["probabilities"].sum()) - 5) < 1e-4
+    predictions = namespace["predictions"]
+    assert predictions.probabilities.shape == (5, 20)
+    assert abs(float(predictions.probabilities.sum()) - 5) < 1e-4
+    assert predictions.modality_only.keys() == {"strong", "weak"} and predictions.modality_only["weak"].shape == (5,)
     assert namespace["val"]["midas/alpha"].keys() == {"strong", "weak"}
     assert len(namespace["results"]) == 4
     boost = json.loads((tmp_path / "runs/boost/metrics.jsonl").read_text().splitlines()[1])

@@ -48,6 +48,7 @@ class Run:
         self.metrics = metrics
         self._bundle = bundle
         self._trainer = None
+        self._stored_standardisation: dict | None = None
 
     def __repr__(self) -> str:
         accuracy = self.metrics["test"]["accuracy"] if self.metrics else None
@@ -65,9 +66,27 @@ class Run:
             from .training import Trainer
 
             trainer = Trainer(self.config, None, quiet=True, bundle=self._bundle)
-            trainer.load_weights(self.path / "best.pt")
+            checkpoint = trainer.load_weights(self.path / "best.pt")
+            self._stored_standardisation = checkpoint.get("standardisation")
             self._trainer = trainer
         return self._trainer
+
+    @property
+    def standardisation(self) -> dict:
+        """{modality: Standardisation}: the training statistics the run's inputs were standardised with.
+
+        Read from ``best.pt``; a run saved before checkpoints held them gets
+        those of its dataset loaded again (the same split, so the same values).
+        """
+        from .data.standardise import Standardisation
+
+        trainer = self.trainer
+        stored = self._stored_standardisation
+        if stored is None:
+            return dict(getattr(trainer.bundle, "standardisation", {}))
+        if not isinstance(stored, dict) or not all(isinstance(s, dict) and {"mean", "std"} <= set(s) for s in stored.values()):
+            raise MMBalanceError(f"{self.path / 'best.pt'} holds standardisation statistics in an unknown layout")
+        return {m: Standardisation.from_state(state) for m, state in stored.items()}
 
     def evaluate(self, split: str = "test") -> dict:
         """Every metric of the best checkpoint on ``split`` (train, val or test)."""
@@ -75,36 +94,24 @@ class Run:
             raise MMBalanceError(f"unknown split '{split}' (allowed: train, val, test)")
         return self.trainer.evaluate(split)
 
-    @torch.no_grad()
-    def predict(self, inputs: Mapping[str, Tensor | np.ndarray], batch_size: int = 256) -> Tensor:
-        """Class probabilities [N, C] of the run's prediction for one tensor (or array) per modality."""
+    def predict(self, inputs: Mapping[str, Tensor | np.ndarray], batch_size: int = 256, *, standardize: bool = True):
+        """The run's predictions (``prediction.Predictions``) for one tensor or array per modality.
+
+        ``probabilities`` [N, C] of the run's own prediction, ``classes``, and
+        ``modality_only``: per modality the class the fused head predicts with
+        every other modality's features zeroed (as in metrics.json). Inputs are
+        as the data file holds them: with ``standardize`` the run's training
+        statistics are applied (``False``: the inputs are standardised already).
+        """
+        from .prediction import check_inputs, predict, standardise_inputs
+
         trainer = self.trainer
-        modalities = trainer.bundle.modalities
-        missing = [m for m in modalities if m not in inputs]
-        if missing:
-            raise DataError(f"predict needs modality '{missing[0]}' (the run's modalities: {', '.join(modalities)})")
-        tensors = {m: torch.as_tensor(np.asarray(inputs[m]) if not isinstance(inputs[m], Tensor) else inputs[m]) for m in modalities}
-        count = {m: int(x.shape[0]) for m, x in tensors.items()}
-        if len(set(count.values())) != 1:
-            raise DataError(f"every modality needs the same number of samples, got {count}")
-        for m, x in tensors.items():
-            expected = tuple(trainer.bundle.input_shapes[m])
-            if tuple(x.shape[1:]) != expected:
-                raise DataError(f"modality '{m}' has sample shape {tuple(x.shape[1:])}, the run was trained on {expected}")
-        model, method = trainer.model, trainer.method
-        modes = (model.training, method.training)
-        model.eval()
-        method.eval()
-        try:
-            dtype = {m: torch.long if not x.is_floating_point() else torch.float32 for m, x in tensors.items()}
-            out = []
-            for start in range(0, next(iter(count.values())), batch_size):
-                chunk = {m: x[start : start + batch_size].to(trainer.device, dtype[m]) for m, x in tensors.items()}
-                out.append(method.predict(model, chunk).float().softmax(-1).cpu())
-            return torch.cat(out) if out else torch.zeros(0, trainer.bundle.num_classes)
-        finally:
-            model.train(modes[0])
-            method.train(modes[1])
+        bundle = trainer.bundle
+        tensors = check_inputs(inputs, bundle.modalities, bundle.input_shapes, bundle.input_dtypes)
+        if standardize:
+            tensors = standardise_inputs(tensors, self.standardisation, bundle.input_shapes)
+        return predict(trainer.method, trainer.model, tensors, bundle.modalities, bundle.num_classes, trainer.device,
+                       batch_size, bundle.class_names)
 
 
 def _resolve_data_path(config: RunConfig, run_dir: Path) -> RunConfig:
@@ -115,14 +122,28 @@ def _resolve_data_path(config: RunConfig, run_dir: Path) -> RunConfig:
     return config
 
 
-def load_run(path: str | Path) -> Run:
-    """A finished run folder (config.yaml, best.pt, metrics.json) as a ``Run``."""
+def load_run(path: str | Path, overrides: Mapping[str, Any] | Sequence[str] | None = None) -> Run:
+    """A finished run folder (config.yaml, best.pt, metrics.json) as a ``Run``.
+
+    ``overrides`` may change only what does not alter the trained model: the
+    device, batch sizes, where the data lives (``training.trainer.SAFE_KEYS``).
+    """
     import json
+
+    from .config import parse_override
+    from .training.trainer import SAFE_KEYS
 
     run_dir = Path(path)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "best.pt").is_file():
         raise MMBalanceError(f"{run_dir} is not a finished run folder (needs config.yaml and best.pt)")
-    config = _resolve_data_path(RunConfig(load_yaml(run_dir / "config.yaml")), run_dir)
+    config = RunConfig(load_yaml(run_dir / "config.yaml"))
+    changes = dict(parse_override(text) for text in _override_list(overrides))
+    for key in changes:
+        if key not in SAFE_KEYS:
+            raise MMBalanceError(f"--set {key} cannot change for a finished run (keys that can: {', '.join(SAFE_KEYS)})")
+    if changes:
+        config = config.replace(**changes)
+    config = _resolve_data_path(config, run_dir)
     metrics_file = run_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
     return Run(run_dir, config, metrics)
@@ -183,7 +204,8 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         save_bundle(data, out / IN_MEMORY_FILE)
         dataset = "npz"
-        settings = [f"data.path={IN_MEMORY_FILE}", f"npz.num_classes={data.num_classes}", *settings]
+        # the tensors train as given, so data.npz is read back as it is (not standardised) by load_run and eval
+        settings = [f"data.path={IN_MEMORY_FILE}", f"npz.num_classes={data.num_classes}", *settings, "data.standardize=false"]
     run_config = build_config(config, settings, dataset=dataset, method=method, seed=seed)
     metrics = train_run(run_config, out, quiet=quiet, bundle=data, overwrite=overwrite)
     return Run(out, run_config, metrics, bundle=data)

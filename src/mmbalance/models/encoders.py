@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..registry import ENCODERS
+from .pretrained import PretrainedReport, from_torchvision_resnet, looks_like_torchvision_resnet
 
 
 FLOAT_ENCODERS = (
@@ -58,6 +59,8 @@ class Encoder(nn.Module):
 
     # True for encoders that look token ids up in a table: float features are not ids.
     reads_token_ids: ClassVar[bool] = False
+    #: what ``load_pretrained`` loaded (None until it runs)
+    pretrained_report: Optional[PretrainedReport] = None
 
     def __init__(self, input_shape: tuple[int, ...], feature_dim: int):
         super().__init__()
@@ -68,8 +71,13 @@ class Encoder(nn.Module):
         """The forward pass split into stages (``EncoderStages``), or None for an encoder without stages."""
         return None
 
-    def load_pretrained(self, path: str | Path) -> None:
-        """Load local weights (``torch.save(encoder.state_dict(), path)``) with one-line errors."""
+    def load_pretrained(self, path: str | Path) -> PretrainedReport:
+        """Load local weights with one-line errors; returns what was loaded (kept as ``pretrained_report``).
+
+        The encoder's own layout (``torch.save(encoder.state_dict(), path)``)
+        must fit exactly; an encoder may also read another library's layout
+        (``foreign_weights``: torchvision's ResNet-18 for ``resnet18``).
+        """
         kind = getattr(self, "registry_name", type(self).__name__)
         path = Path(path).expanduser()
         if not path.is_file():
@@ -80,12 +88,25 @@ class Encoder(nn.Module):
             raise ConfigError(f"cannot load {kind} encoder weights from {path}: {str(exc).splitlines()[0]}") from None
         if not isinstance(state, dict):
             raise ConfigError(f"{path} does not hold a state dict (got {type(state).__name__})")
-        try:
-            self.load_state_dict(state)
-        except RuntimeError as exc:
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            detail = lines[1] if len(lines) > 1 else lines[0]  # the first line only names the module
-            raise ConfigError(f"{kind} encoder weights in {path} do not fit: {detail}") from None
+        own = self.state_dict()
+        foreign = None if set(state) == set(own) else self.foreign_weights(state, path)
+        if foreign is None:
+            try:
+                self.load_state_dict(state)
+            except RuntimeError as exc:
+                lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+                detail = lines[1] if len(lines) > 1 else lines[0]  # the first line only names the module
+                raise ConfigError(f"{kind} encoder weights in {path} do not fit: {detail}") from None
+            report = PretrainedReport(path=path, layout="own", loaded=list(own))
+        else:
+            mapped, report = foreign
+            self.load_state_dict(mapped, strict=False)  # every key and shape checked; the rest is reported
+        self.pretrained_report = report
+        return report
+
+    def foreign_weights(self, state: dict, path: Path) -> Optional[tuple[dict[str, Tensor], PretrainedReport]]:
+        """Weights in another library's layout mapped onto ours, with a report; None: read as our own layout."""
+        return None
 
 
 @ENCODERS.register("mlp")
@@ -234,6 +255,19 @@ class ResNet18Encoder(_FrameFolding):
         x, frames = self._prepare(x)
         features = self.proj(self.pool(self.stages(self.stem(x))))
         return self._pool_frames(features, frames)
+
+    def foreign_weights(self, state: dict, path: Path):
+        """torchvision's ResNet-18 layout (``models/pretrained.py``); a dict in neither layout is one line."""
+        if any(str(key).startswith(("stem.", "stages.")) for key in state):
+            return None  # our own layout with keys missing or extra: the exact load names them
+        kind = getattr(self, "registry_name", type(self).__name__)
+        if looks_like_torchvision_resnet(state):
+            return from_torchvision_resnet(state, self.state_dict(), path, kind)
+        shown = ", ".join(repr(key) for key in list(state)[:3]) or "none"
+        raise ConfigError(
+            f"{kind} encoder weights in {path} fit neither its own layout (stem.0.weight, stages.0.0.conv1.weight, ...) "
+            f"nor torchvision's ResNet-18 (conv1.weight, layer1.0.conv1.weight, ...); its keys begin {shown}"
+        )
 
     def staged(self) -> EncoderStages:
         """Four stages, after layers 1–4 (the stem runs with layer 1); widths 64, 128, 256, 512."""
