@@ -18,7 +18,7 @@ from mmbalance.models import Encoder, build_model
 from mmbalance.models.fusion import SumFusion
 from mmbalance.models.multimodal import MultimodalModel
 from mmbalance.registry import METHODS
-from mmbalance.training import train_run
+from mmbalance.training import Trainer, train_run
 from mmbalance.training.context import TrainContext
 from mmbalance.training.distributed import DistributedState
 
@@ -454,3 +454,15 @@ def test_run_of_midas_with_cal_accel(tmp_path, tiny_overrides):
         assert not any(key.startswith("cal/") for key in line)
         assert all(math.isfinite(v) for v in line.values())
         assert line["cal_accel/rho/strong"] + line["cal_accel/rho/weak"] == pytest.approx(1.0)
+
+
+def test_an_identity_bottleneck_starts_by_passing_the_features_through():
+    overrides = ["synthetic.num_samples=200", "synthetic.num_classes=4", "synthetic.strong_groups=2", "synthetic.dims=[8,8]",
+                 "train.epochs=1", "model.feature_dim=8", "model.hidden_dim=16", "cal.bottleneck_init=identity"]
+    trainer = Trainer(build_config(overrides=overrides, method="cal"), None, quiet=True)
+    cal = trainer.method.objective
+    features = {m: torch.randn(5, 8) for m in cal.modalities}
+    cal.eval()
+    codes, _ = cal.compress(features)
+    assert all(torch.equal(codes[m], features[m]) for m in cal.modalities)  # μ = f at evaluation
+    assert all(torch.all(cal.logvar[m].bias == -4.0) and torch.all(cal.logvar[m].weight == 0) for m in cal.modalities)

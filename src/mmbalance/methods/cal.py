@@ -26,17 +26,21 @@ reads μ like the training step reads z.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
 from ..registry import METHODS
+from ..search_space import Choice, FloatRange, IntRange
 from .base import Objective, cross_entropy
 from .contribution import LOGGED, ContributionConfig, ContributionTracker, EpochMeans
 from .gradient_scaling import scale_gradient_
 from .window import in_window
 
 ROLE = "contribution_acceleration"
+IDENTITY_LOGVAR = -4.0  # bottleneck_init=identity: σ ≈ 0.14, small noise on features of unit scale
 
 
 def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
@@ -57,8 +61,24 @@ class CAL(Objective):
     class Config(ContributionConfig):
         acceleration: bool = Field(True, description="multiply each encoder's gradient by 1 + ρ_m inside the modulation window")
         bottleneck: bool = Field(True, description="the asymmetric information bottleneck (AIB)")
+        bottleneck_init: Literal["random", "identity"] = Field(
+            "random",
+            description="how the bottleneck starts: random (PyTorch's Linear init) or identity (μ = f, log σ² = -4: the features pass through nearly unchanged)",
+        )
         beta0: float = Field(1e-3, ge=0, description="β_0, the mean strength of the bottleneck's KL term")
         unimodal_weight: float = Field(1.0, ge=0, description="γ, weight of the unimodal heads' losses")
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options cal`)
+    search_space = {
+        "temperature": FloatRange(1.0, 16.0, log=True),
+        "momentum": FloatRange(0.5, 0.99),
+        "beta0": FloatRange(1e-4, 1e-2, log=True),
+        "unimodal_weight": FloatRange(0.25, 4.0, log=True),
+        "confidence": Choice(["probability", "ema", "entropy"]),
+        "contribution": Choice(["both", "marginal", "confidence"]),
+        "modulation_starts": IntRange(0, 15),
+        "bottleneck_init": Choice(["random", "identity"]),
+    }
 
     defaults = {"train.grad_clip": 40.0}
     exclusive = (ROLE,)
@@ -75,6 +95,13 @@ class CAL(Objective):
             dims = model.feature_dims
             self.mu = nn.ModuleDict({m: nn.Linear(dims[m], dims[m]) for m in self.modalities})
             self.logvar = nn.ModuleDict({m: nn.Linear(dims[m], dims[m]) for m in self.modalities})
+            if self.config.bottleneck_init == "identity":
+                with torch.no_grad():
+                    for m in self.modalities:
+                        self.mu[m].weight.copy_(torch.eye(dims[m]))
+                        self.mu[m].bias.zero_()
+                        self.logvar[m].weight.zero_()
+                        self.logvar[m].bias.fill_(IDENTITY_LOGVAR)
 
     # -- the bottleneck: every read of the model goes through it --------------
     def compress(self, features: dict[str, Tensor], generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], Tensor]:
