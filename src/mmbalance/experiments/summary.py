@@ -72,7 +72,7 @@ def markdown_table(
     names = [c[0] for c in columns]
     if comparisons is not None:
         names.insert(1, column_name(baseline))
-    header = ["method", "runs", *names, "imbalance ratio", "s/step (ms)"]
+    header = ["method", "runs", *names, "imbalance ratio", "ms/step"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, runs in group_by_method(results).items():
         cells = [method, str(len(runs))]

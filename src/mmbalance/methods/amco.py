@@ -45,6 +45,7 @@ from ..errors import ConfigError
 from ..models.fusion import ConcatFusion, SumFusion
 from ..models.readouts import restricted_logits
 from ..registry import METHODS
+from ..search_space import Choice, FloatRange
 from .base import Objective
 from .window import WindowConfig, in_window
 
@@ -145,6 +146,15 @@ def make_mixer(num_classes: int, init: str, generator: Optional[torch.Generator]
 @METHODS.register("amco")
 class AMCo(Objective):
     """Masks the modality the model depends on, with unimodal co-optimisation losses (Zhou et al., ICASSP 2023)."""
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options amco`)
+    search_space = {
+        "sigma": FloatRange(0.3, 0.9),
+        "epsilon": FloatRange(0.05, 1.0, log=True),
+        "ramp": Choice(["per_epoch", "progress"]),
+        "co_opt_unmasked": Choice([False, True]),
+        "mask_space": Choice(["logits", "features"]),
+    }
 
     class Config(WindowConfig):
         modulation_starts: Optional[int] = Field(

@@ -80,6 +80,7 @@ from torch import Tensor, nn
 from ..config import Section
 from ..errors import ConfigError
 from ..registry import METHODS
+from ..search_space import FloatRange, IntRange
 from .base import Objective
 
 #: record.shared key of a sequential sub-step's record
@@ -188,6 +189,13 @@ def weighted_prediction(outputs: Tensor, weights: Tensor) -> Tensor:
 @METHODS.register("aug")
 class AUG(Objective):
     """Per-modality boosting ensembles on a shared head; the weaker modality gets more learners (Jiang et al., NeurIPS 2025)."""
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options aug`)
+    search_space = {
+        "lam": FloatRange(0.1, 1.0),
+        "assign_period": IntRange(1, 20),
+        "tau": FloatRange(0.0, 0.2),
+    }
 
     class Config(Section):
         variant: Literal["paper", "code"] = Field(

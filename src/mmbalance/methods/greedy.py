@@ -49,6 +49,7 @@ from ..config import Section
 from ..errors import ConfigError
 from ..models.mmtm import MMTM
 from ..registry import METHODS
+from ..search_space import FloatRange, IntRange
 from .base import Objective, cross_entropy
 
 #: record.shared key: per block, the gates [g_0, g_1] the step's forward used
@@ -98,6 +99,13 @@ def curation_transition(
 @METHODS.register("greedy")
 class Greedy(Objective):
     """MMTM blocks between two encoders; curation steps steered by the bypass/main learning speeds (Wu et al., ICML 2022)."""
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options greedy`)
+    search_space = {
+        "epsilon": FloatRange(1e-3, 0.1, log=True),
+        "curation_steps": IntRange(1, 20),
+        "ratio": FloatRange(2.0, 16.0, log=True),
+    }
 
     class Config(Section):
         epsilon: float = Field(0.01, ge=0, description="ε: curation starts when |BDR_0 − BDR_1| > ε (BMM uses 0.001)")

@@ -76,6 +76,7 @@ from torch import Tensor, nn
 
 from ..config import Section
 from ..registry import METHODS
+from ..search_space import Choice, FloatRange
 from .base import Objective, cross_entropy
 
 #: the two optimizers, in the trainer's order (``ctx.optimizer`` is the task's)
@@ -189,6 +190,15 @@ class MLPAugmenter(nn.Module):
 @METHODS.register("lemda")
 class LeMDA(Objective):
     """Learned feature-space augmentation: a VAE on the concatenated features, adversarial with a consistency regulariser (Liu et al., ICLR 2023)."""
+
+    #: the ranges `mmbalance tune` samples (shown by `mmbalance list options lemda`)
+    search_space = {
+        "adversarial_weight": FloatRange(1e-4, 1.0, log=True),
+        "consistency_weight": FloatRange(1e-3, 1.0, log=True),
+        "confidence_threshold": FloatRange(0.3, 0.95),
+        "kl_weight": FloatRange(1e-3, 1.0, log=True),
+        "augmenter": Choice(["vae", "mlp"]),
+    }
 
     class Config(Section):
         variant: Literal["paper", "official"] = Field(
