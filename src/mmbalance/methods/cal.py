@@ -59,14 +59,22 @@ class CAL(Objective):
     """Contribution-guided asymmetric learning (Xu et al., 2025), reconstructed from the paper's description."""
 
     class Config(ContributionConfig):
+        # defaults chosen on the validation splits of synthetic, mfeat (fac+mor) and avdigits by
+        # `mmbalance tune` and a 5-seed comparison of the studies' best settings (docs/methods.md)
+        modulation_starts: int = Field(0, ge=0, description="first epoch (0-based) of the gradient acceleration (E_w; 0: no warm-up)")
+        temperature: float = Field(4.104, gt=0, description="T in ρ = softmax(T · W)")
+        momentum: float = Field(0.7674, ge=0, lt=1, description="momentum of W's moving average over steps")
+        contribution: Literal["both", "marginal", "confidence"] = Field(
+            "marginal", description="W from the Shapley share and D, the share only (I), or D only"
+        )
         acceleration: bool = Field(True, description="multiply each encoder's gradient by 1 + ρ_m inside the modulation window")
         bottleneck: bool = Field(True, description="the asymmetric information bottleneck (AIB)")
         bottleneck_init: Literal["random", "identity"] = Field(
-            "random",
+            "identity",
             description="how the bottleneck starts: random (PyTorch's Linear init) or identity (μ = f, log σ² = -4: the features pass through nearly unchanged)",
         )
-        beta0: float = Field(1e-3, ge=0, description="β_0, the mean strength of the bottleneck's KL term")
-        unimodal_weight: float = Field(1.0, ge=0, description="γ, weight of the unimodal heads' losses")
+        beta0: float = Field(0.001062, ge=0, description="β_0, the mean strength of the bottleneck's KL term")
+        unimodal_weight: float = Field(0.7412, ge=0, description="γ, weight of the unimodal heads' losses")
 
     #: the ranges `mmbalance tune` samples (shown by `mmbalance list options cal`)
     search_space = {
