@@ -40,10 +40,12 @@ def test_train_then_eval(tmp_path, capsys):
     assert metrics["method"] == "joint" and metrics["dataset"] == "synthetic" and metrics["seed"] == 3
     for key in ("best_epoch", "train_seconds", "seconds_per_step"):
         assert key in metrics
-    assert run_cli("eval", "--run", str(out), "--split", "test") == 0
+    assert run_cli("eval", "--run", str(out), "--split", "test", "--set", "train.eval_batch_size=7") == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
     assert evaluated["modality_accuracy"] == pytest.approx(metrics["test"]["modality_accuracy"])
+    code = run_cli("eval", "--run", str(out), "--set", "model.hidden_dim=32")
+    one_line_error(capsys, code, "--set model.hidden_dim cannot change for a finished run")
 
 
 def test_list(capsys):
@@ -71,9 +73,9 @@ def test_bench_writes_results_and_summary_and_skips_finished_runs(tmp_path, caps
     assert "bench --dataset synthetic --methods joint,unimodal" in summary
     assert (out / "summary.png").stat().st_size > 1000
     stamp = (out / "joint-seed0" / "metrics.json").stat().st_mtime_ns
-    capsys.readouterr()
-    assert run_cli(*args) == 0
-    assert "done earlier with the same settings, reused" in capsys.readouterr().err
+    assert capsys.readouterr().err == ""  # --quiet: no per-run lines
+    assert main(args) == 0
+    assert "[1/4] joint-seed0: done earlier with the same settings, reused" in capsys.readouterr().err
     assert (out / "joint-seed0" / "metrics.json").stat().st_mtime_ns == stamp
 
 
@@ -107,6 +109,18 @@ def test_npz_quick_start(tmp_path, capsys):
         (["bench", "--dataset", "synthetic", "--methods", "joint,bogus", "--seeds", "1", "--out", "{tmp}/b"], "unknown method 'bogus'"),
         (["data", "fetch", "synthetic"], "has nothing to fetch"),
         (["data", "fetch", "mfet"], "did you mean 'mfeat'?"),
+        (["config", "show", "--set", "train.epochz=3"], "did you mean 'train.epochs'?"),
+        (["config", "show", "--method", "midas+cal"], "has two objectives"),
+        (["bench", "--dataset", "synthetic", "--methods", "joint", "--seeds", "0", "--out", "{tmp}/b"], "--seeds must be at least 1"),
+        (["bench", "--dataset", "synthetic", "--methods", "joint", "--seeds", "1,2,1", "--out", "{tmp}/b"], "lists seed 1 twice"),
+        (["bench", "--dataset", "synthetic", "--methods", "joint", "--seeds", "1,x", "--out", "{tmp}/b"], "--seeds '1,x'"),
+        (["bench", "--dataset", "synthetic", "--methods", "joint", "--seeds=-1,2", "--out", "{tmp}/b"], "seeds >= 0"),
+        (["robust", "--run", "{tmp}/r", "--corruption", "token_mask", "--levels", "1", "--set", "train.device=cpu",
+          "--out", "{tmp}/o"], "'train.device' is not one"),
+        (["robust", "--run", "{tmp}/r", "--corruption", "token_mask", "--levels", "1", "--set", "unk_id=3",
+          "--out", "{tmp}/o"], "as token_mask.KEY=VALUE"),
+        (["robust", "--run", "{tmp}/r", "--corruption", "gausian", "--levels", "1", "--out", "{tmp}/o"],
+         "did you mean 'gaussian'?"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, pattern):
@@ -179,3 +193,94 @@ def test_demo_writes_the_report_folder(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| joint | 1 |" in printed and "| unimodal | 1 |" in printed and "| midas | 1 |" in printed
     assert {"summary.md", "summary.png", "results.jsonl"} <= {p.name for p in out.iterdir()}
+
+
+def test_every_argument_of_every_command_says_what_it_is_for():
+    import argparse
+
+    from mmbalance.cli import build_parser
+
+    missing = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
+                continue
+            if not (action.help or "").strip():
+                missing.append(f"{path} {action.option_strings or action.dest}")
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action._choices_actions:
+                    if not (choice.help or "").strip():
+                        missing.append(f"{path} {choice.dest}")
+                for name, child in action.choices.items():
+                    walk(child, f"{path} {name}")
+
+    walk(build_parser(), "mmbalance")
+    assert not missing, missing
+
+
+def test_config_show_prints_what_train_writes(tmp_path, capsys):
+    args = ["--dataset", "synthetic", "--method", "arl[temperature=3]", "--seed", "2", *TINY]
+    (tmp_path / "extra.yaml").write_text("train:\n  lr: 0.002\n")
+    assert run_cli("config", "show", *args, "--config", str(tmp_path / "extra.yaml")) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("# train.grad_clip: recommended by arl\n")
+    assert "temperature: 3" in shown and "lr: 0.002" in shown
+    assert run_cli("train", *args, "--config", str(tmp_path / "extra.yaml"), "--out", str(tmp_path / "run")) == 0
+    assert (tmp_path / "run" / "config.yaml").read_text() == shown
+
+
+@pytest.mark.parametrize("args", [["list", "methods"], ["config", "show", "--method", "arl"], ["list", "options", "train"]])
+def test_a_reader_that_leaves_early_ends_the_command_quietly(args):
+    """``mmbalance list methods | head -1``: exit 0, nothing on stderr, whoever closes the pipe first."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mmbalance", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # the reader is gone before the command prints a line
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 0 and err == ""
+    shell = subprocess.run(f"{sys.executable} -m mmbalance {' '.join(args)} | head -1", shell=True, env=env,
+                           capture_output=True, text=True)
+    assert shell.stderr == "" and len(shell.stdout.splitlines()) == 1
+
+
+def test_bench_runs_exactly_the_listed_seeds_and_says_which(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert run_cli("bench", "--dataset", "synthetic", "--methods", "joint", "--seeds", "2,0", "--out", str(out), *TINY) == 0
+    assert capsys.readouterr().err == ""  # --quiet
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["joint-seed0", "joint-seed2"]
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in results] == [2, 0]
+    assert "mean ± std over seeds 0, 2 " in (out / "summary.md").read_text()
+    assert "| joint | 2 |" in (out / "summary.md").read_text()
+
+
+def test_robust_takes_corruption_options_with_set_and_still_reads_option(tmp_path, capsys):
+    from mmbalance.cli import corruption_options
+
+    assert corruption_options("token_mask", ["token_mask.unk_id=3", "token_mask.pad_id=null"], []) == {"unk_id": 3, "pad_id": None}
+    run = tmp_path / "run"
+    assert run_cli("train", "--out", str(run), *TINY) == 0
+    common = ["robust", "--run", str(run), "--corruption", "gaussian", "--levels", "0,1"]
+    assert run_cli(*common, "--set", "gaussian.absolute=true", "--out", str(tmp_path / "new")) == 0
+    assert capsys.readouterr().err == ""
+    assert run_cli(*common, "--option", "absolute=true", "--out", str(tmp_path / "old")) == 0
+    assert "--option is deprecated: use --set gaussian.absolute=" in capsys.readouterr().err
+    new, old = (json.loads((tmp_path / name / "robustness.json").read_text()) for name in ("new", "old"))
+    assert new["options"] == old["options"] == {"absolute": True}
+    assert new["runs"][0]["accuracy"] == old["runs"][0]["accuracy"]
+
+
+def test_list_options_gives_type_default_and_description_of_every_key(capsys):
+    from mmbalance.config import CORE_SECTIONS
+    from mmbalance.options import section_of
+    from mmbalance.registry import CORRUPTIONS, DATASETS, METHODS
+
+    for name in [*CORE_SECTIONS, *METHODS.names(), *DATASETS.names(), *CORRUPTIONS.names()]:
+        assert run_cli("list", "options", name) == 0
+        lines = capsys.readouterr().out.splitlines()
+        schema = section_of(name)[1]
+        for key, field in schema.model_fields.items():
+            assert field.description, f"{name}.{key} has no description"
+            row = next(i for i, line in enumerate(lines) if line.split()[:1] == [key])
+            assert " default " in lines[row], lines[row]
+            assert lines[row + 1].strip() == " ".join(field.description.split()), f"{name}.{key}"

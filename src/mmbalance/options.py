@@ -1,7 +1,8 @@
 """A section's options as a table: type, default, search range, description (``mmbalance list options NAME``).
 
-NAME is a method part (``midas``), a dataset (``synthetic``) or a core section
-(``train``, ``data``, ``model``). The search range is what ``mmbalance tune``
+NAME is a method part (``midas``), a dataset (``synthetic``), a corruption
+(``token_mask``: ``robust --set token_mask.unk_id=3``) or a core section
+(``train``, ``data``, ``model``, ``log``). The search range is what ``mmbalance tune``
 samples (the part's ``search_space``; ``train``'s joins with ``--tune-train``).
 """
 
@@ -12,23 +13,25 @@ from typing import Any
 
 from .config import CORE_SECTIONS
 from .errors import MMBalanceError
-from .registry import DATASETS, METHODS, unknown_name_message
+from .registry import CORRUPTIONS, DATASETS, METHODS, unknown_name_message
 from .search_space import TRAIN_SPACE
 
 BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
 
 
 def section_of(name: str) -> tuple[str, type, dict]:
-    """(heading, Config class, search space) of a part, dataset or core section."""
+    """(heading, Config class, search space) of a part, dataset, corruption or core section."""
     if name in METHODS:
         part = METHODS.get(name)
         return f"{name} ({part.kind}): {METHODS.describe(name)}", part.Config, dict(getattr(part, "search_space", {}))
     if name in DATASETS:
         return f"{name} (dataset): {DATASETS.describe(name)}", DATASETS.get(name).Config, {}
+    if name in CORRUPTIONS:
+        return f"{name} (corruption): {CORRUPTIONS.describe(name)}", CORRUPTIONS.get(name).Config, {}
     if name in CORE_SECTIONS:
         return f"{name} (core section)", CORE_SECTIONS[name], dict(TRAIN_SPACE) if name == "train" else {}
-    raise MMBalanceError(unknown_name_message("method, dataset or section", name,
-                                              [*METHODS.names(), *DATASETS.names(), *CORE_SECTIONS]))
+    raise MMBalanceError(unknown_name_message("method, dataset, corruption or section", name,
+                                              [*METHODS.names(), *DATASETS.names(), *CORRUPTIONS.names(), *CORE_SECTIONS]))
 
 
 def type_name(annotation: Any) -> str:

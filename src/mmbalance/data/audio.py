@@ -16,13 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import DataError
+from ..extras import require
 
 LOG_FLOOR = 1e-5  # keeps log() finite on silence (the zero padding)
 
 
 def read_wav(path: Path) -> tuple[np.ndarray, int]:
     """Mono float32 samples in [-1, 1] and the sample rate; channels are averaged."""
-    import soundfile  # imported here: only the audio datasets need it
+    soundfile = require("soundfile", extra="audio", feature="reading .wav audio")  # an extra: only audio data needs it
 
     try:
         samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)

@@ -46,6 +46,7 @@ from pydantic import Field
 
 from ..config import Section
 from ..errors import DataError
+from ..extras import require
 from ..registry import DATASETS
 from .audio import fit_length, log_spectrograms, read_wav
 from .base import DataBundle, select_views
@@ -138,9 +139,9 @@ def read_recordings(
 
 def digit_images(size: int) -> tuple[torch.Tensor, np.ndarray]:
     """scikit-learn's 8x8 digits as ``(N, 1, size, size)`` in [0, 1]; a smaller size averages pixels."""
-    from sklearn.datasets import load_digits  # bundled with scikit-learn, read from disk
+    sklearn_datasets = require("sklearn.datasets", extra="avdigits", feature="avdigits")
 
-    digits = load_digits()
+    digits = sklearn_datasets.load_digits()  # bundled with scikit-learn, read from disk
     images = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
     if size != images.shape[-1]:
         images = F.adaptive_avg_pool2d(images, size)
@@ -194,6 +195,8 @@ class AVDigitsDataset:
 
     @classmethod
     def load(cls, config) -> DataBundle:
+        for module in ("soundfile", "sklearn"):  # extras: FSDD's WAV files, scikit-learn's digit images
+            require(module, extra="avdigits", feature="avdigits")
         options = config.section("avdigits")
         views = select_views(dict.fromkeys(MODALITIES), config.data.views, "avdigits")
         root = data_root(config, "fsdd")

@@ -20,6 +20,7 @@ import torch
 
 from ..config import Section
 from ..errors import DataError
+from ..extras import require
 from ..registry import DATASETS
 from .base import DataBundle, check_labels, select_views
 from .fetch import PinnedWheel, fetch_wheel_files
@@ -42,7 +43,7 @@ SOURCE_WHEEL = PinnedWheel(
 
 def read_hdf5(path: Path, views: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Features of ``views`` and the labels, refusing a file of the wrong layout."""
-    import h5py  # imported here: only this dataset needs it
+    h5py = require("h5py", extra="mnist-hog", feature="mnist_hog")  # an extra: only this dataset needs it
 
     try:
         handle = h5py.File(path, "r")
@@ -88,6 +89,7 @@ class MnistHogDataset:
 
     @classmethod
     def load(cls, config) -> DataBundle:
+        require("h5py", extra="mnist-hog", feature="mnist_hog")  # before the data is looked for
         views = select_views(VIEWS, config.data.views, "mnist_hog")
         root = data_root(config, "mnist_hog")
         path = root / FILE_NAME

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..errors import ConfigError
+from ..extras import require
 from ..files import atomic_write_text
 
 BACKENDS = ("csv", "tensorboard", "wandb", "mlflow")
@@ -202,15 +202,8 @@ def require_extras(backends: Iterable[str]) -> None:
     """One line naming the install that fixes a missing optional backend, before any training."""
     for backend in backends:
         module = EXTRAS.get(backend)
-        if module is None:
-            continue
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            raise ConfigError(
-                f"log.backends includes '{backend}' but the {module} package is not installed; "
-                f"pip install 'mmbalance[{backend}]' (or drop '{backend}' from log.backends)"
-            ) from None
+        if module is not None:
+            require(module, extra=backend, feature=f"log.backends with '{backend}'")
 
 
 class RunLoggers:

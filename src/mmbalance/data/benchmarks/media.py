@@ -11,11 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import soundfile
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from ...errors import DataError
+from ...extras import require
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -26,6 +26,11 @@ PICKLE_CACHE = (
     "re-run `mmbalance data prepare`, or save each array with numpy.save"
 )
 LOG_FLOOR = 1e-7
+
+
+def _soundfile():
+    """The WAV decoder, an extra: cached spectrograms (.npy) and images need none."""
+    return require("soundfile", extra="audio", feature="reading .wav audio")
 
 
 def _reason(exc: Exception) -> str:
@@ -72,8 +77,9 @@ class Spectrogram:
 
     def probe(self, record: dict) -> None:
         path = self.locate(record)
+        soundfile = _soundfile() if path.suffix == ".wav" else None  # a missing extra is not a bad file
         try:
-            if path.suffix == ".wav":
+            if soundfile is not None:
                 soundfile.info(str(path))
             else:
                 self._precomputed(path)  # memory-mapped: reads the header, checks the shape
@@ -91,6 +97,7 @@ class Spectrogram:
         return spec.unsqueeze(0)
 
     def _waveform(self, path: Path) -> torch.Tensor:
+        soundfile = _soundfile()
         try:
             data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
         except Exception as exc:
