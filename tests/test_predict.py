@@ -204,3 +204,15 @@ def test_csv_names_classes_when_the_run_knows_them():
     assert lines[0] == "index,label,predicted,predicted_name,probability_cat,probability_dog,probability_eel,a_only,a_only_name,b_only,b_only_name"
     assert lines[1] == "0,1,1,dog,0.100000001,0.699999988,0.200000003,1,dog,0,cat"
     assert predictions.accuracy([1, 2]) == {"accuracy": 0.5, "modality_accuracy": {"a": 1.0, "b": 0.0}}
+
+
+def test_predict_refuses_a_multi_label_run_in_one_line(tmp_path):
+    import mmbalance
+    from mmbalance.errors import MMBalanceError
+
+    tiny = {"synthetic.num_samples": 200, "synthetic.num_classes": 4, "synthetic.strong_groups": 2,
+            "synthetic.dims": [8, 8], "synthetic.multi_label": True, "train.epochs": 1}
+    run = mmbalance.train(dataset="synthetic", method="joint", out=tmp_path / "ml", overrides=tiny, quiet=True)
+    with pytest.raises(MMBalanceError, match="single-label runs only") as error:
+        run.predict({m: torch.zeros(2, 8) for m in ("strong", "weak")})
+    assert "\n" not in str(error.value)

@@ -107,6 +107,11 @@ class Run:
 
         trainer = self.trainer
         bundle = trainer.bundle
+        if getattr(bundle, "task", "single_label") != "single_label":
+            raise MMBalanceError(
+                f"predict supports single-label runs only; {self.path} is a {bundle.task} run "
+                "(its metrics.json holds the multi-label scores)"
+            )
         tensors = check_inputs(inputs, bundle.modalities, bundle.input_shapes, bundle.input_dtypes)
         if standardize:
             tensors = standardise_inputs(tensors, self.standardisation, bundle.input_shapes)
@@ -214,14 +219,17 @@ def train(
 def bench(
     dataset: str,
     methods: Sequence[str] | str,
-    seeds: int = 5,
+    seeds: int | Sequence[int] = 5,
     out: str | Path = "runs/bench",
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
     *,
     config: str | Path | None = None,
     quiet: bool = True,
 ) -> list[dict]:
-    """Every method spec × seed on one dataset, with the summary files (``mmbalance bench``); returns the runs' metrics."""
+    """Every method spec × seed on one dataset, with the summary files (``mmbalance bench``); returns the runs' metrics.
+
+    ``seeds``: a count (5: seeds 0..4) or the seeds themselves ([0, 3, 7]).
+    """
     from .experiments.bench import run_bench
     from .methods.spec import split_methods
 

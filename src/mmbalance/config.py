@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -34,12 +34,12 @@ class Section(BaseModel):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    optimizer: Literal["sgd", "adamw"] = "adamw"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0)
+    epochs: int = Field(30, ge=1, description="training epochs (the last one, with train.early_stop: at most)")
+    batch_size: int = Field(64, ge=1, description="training samples per batch (per micro-batch with train.accumulate)")
+    lr: float = Field(1e-3, gt=0, description="learning rate (AdamW's usual 1e-3; raise it for sgd)")
+    optimizer: Literal["sgd", "adamw"] = Field("adamw", description="sgd (with momentum) or adamw")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (optimizer=sgd only)")
+    weight_decay: float = Field(1e-4, ge=0, description="L2 penalty (sgd) or decoupled weight decay (adamw)")
     scheduler: Literal["none", "step", "cosine", "plateau"] = Field(
         "none",
         description="epoch-level learning-rate schedule: none, step (StepLR), cosine (over the epochs after warm-up), "
@@ -68,9 +68,22 @@ class TrainConfig(Section):
         0, ge=0, description="stop after this many epochs without a validation accuracy gain above early_stop_delta; 0 off"
     )
     early_stop_delta: float = Field(0.0, ge=0, description="smallest validation accuracy gain that resets early_stop's patience")
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes; 0 loads in the training process")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    eval_batch_size: int = Field(256, ge=1)
+    eval_batch_size: int = Field(256, ge=1, description="samples per batch in evaluation (changes no result)")
+    pos_weight: Optional[Union[float, Literal["balanced"]]] = Field(
+        None,
+        description="multi-label data only: weight of each class's positive term in the binary cross-entropy; "
+        "a number for every class, or balanced (#negatives / #positives of the class in the training split); unset: 1",
+    )
+
+    @field_validator("pos_weight", mode="before")
+    @classmethod
+    def _positive_weight(cls, value: Any) -> Any:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and value != "balanced" and not (number and value > 0):
+            raise ValueError("must be a number above 0, or balanced")
+        return value
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -89,14 +102,14 @@ class TrainConfig(Section):
 
 
 class DataConfig(Section):
-    name: str = "synthetic"
+    name: str = Field("synthetic", description="the dataset (mmbalance list datasets); --dataset sets it")
     root: Optional[str] = Field(None, description="folder a dataset reads from")
     path: Optional[str] = Field(None, description="file a dataset reads from (npz)")
     views: Optional[list[str]] = Field(None, description="subset of modalities to use")
-    val_fraction: float = Field(0.15, gt=0, lt=0.5)
-    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="fraction of the samples in the validation split (datasets without a fixed one)")
+    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="fraction of the samples in the test split (datasets without a fixed one)")
     split_seed: Optional[int] = Field(None, description="seed of the split; the run seed if unset")
-    on_error: Literal["raise", "skip"] = "raise"
+    on_error: Literal["raise", "skip"] = Field("raise", description="an unreadable sample file: raise stops with its name, skip leaves it out")
     heldout: Literal["val", "carve"] = Field(
         "val",
         description="held-out data methods may estimate on: the validation split, or a stratified carve of the training split (removed from training)",
@@ -114,10 +127,34 @@ class ModelConfig(Section):
     pretrained: dict[str, str] = Field(
         default_factory=dict, description="per-modality path of local encoder weights (a saved state dict)"
     )
-    fusion: str = "concat"
-    feature_dim: int = Field(64, ge=1)
-    hidden_dim: int = Field(128, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    fusion: str = Field("concat", description="fusion head (mmbalance list fusions)")
+    feature_dim: int = Field(64, ge=1, description="size of each encoder's output feature")
+    hidden_dim: int = Field(128, ge=1, description="width of the encoders' and fusion heads' hidden layers")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout probability in the encoders")
+
+
+class EvalConfig(Section):
+    """How predictions are scored and the best checkpoint is chosen (multi-label options: ``tasks.py``)."""
+
+    threshold: Optional[Union[float, Literal["val"]]] = Field(
+        None,
+        description="multi-label data only: a class is predicted when its probability reaches this (0 < t < 1); "
+        "val: the threshold of 0.01..0.99 maximising validation micro-F1, applied unchanged to test; unset: 0.5",
+    )
+    select: str = Field(
+        "auto",
+        description="validation metric that picks the best checkpoint and drives early stopping and the plateau "
+        "schedule: auto (accuracy; micro_f1 on multi-label data), or accuracy, macro_f1, and on multi-label data "
+        "micro_f1, weighted_f1, samples_f1, mAP",
+    )
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _inside_unit_interval(cls, value: Any) -> Any:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and value != "val" and not (number and 0 < value < 1):
+            raise ValueError("must be a number strictly between 0 and 1, or val")
+        return value
 
 
 class LogConfig(Section):
@@ -134,6 +171,7 @@ CORE_SECTIONS: dict[str, type[Section]] = {
     "data": DataConfig,
     "model": ModelConfig,
     "log": LogConfig,
+    "eval": EvalConfig,
 }
 SCALAR_KEYS = {"method": str, "seed": int}
 PRIVATE_KEYS = ("_recommended",)
@@ -290,6 +328,7 @@ class RunConfig:
         self.data: DataConfig = validate_section("data", DataConfig, raw.get("data"))
         self.model: ModelConfig = validate_section("model", ModelConfig, raw.get("model"))
         self.log: LogConfig = validate_section("log", LogConfig, raw.get("log"))
+        self.eval: EvalConfig = validate_section("eval", EvalConfig, raw.get("eval"))
         DATASETS.get(self.data.name)
         self.sections: dict[str, Section] = {}
         for name, schema in components.items():
@@ -322,6 +361,7 @@ class RunConfig:
         out["data"] = self.data.model_dump()
         out["model"] = self.model.model_dump()
         out["log"] = self.log.model_dump()
+        out["eval"] = self.eval.model_dump()
         for name, section in self.sections.items():
             out[name] = section.model_dump()
         return out

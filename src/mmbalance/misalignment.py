@@ -13,6 +13,15 @@ Everything here is pure torch and knows nothing of mmbalance's trainer: the
 pieces are functions with hand-checkable formulas, and ``MisalignmentLoss``
 puts them together behind one call. Notation: N aligned samples, M
 modalities (slots), K misaligned samples, C classes.
+
+Multi-label data (labels [N, C] of 0/1; our generalisation, not the
+paper's): a "different label" is a different label vector; a modality's
+confidence in its source's labels is its mean sigmoid probability on that
+source's positive labels (``tasks.label_confidence``); the soft target mixes
+the sources' label vectors, Σ_m c^m y^(m), and the loss is binary
+cross-entropy, L_mis = mean_k w_k Σ_m α_m c^m_k BCE(z~_k, y^(m)_k), which
+for the soft target is BCE(z~, Σ_m c^m y^(m)) when α = 1 (BCE is linear in
+its target). Everything else (pairs, α, hard-sample weights) is unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from typing import Callable, Literal, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .tasks import is_multi_label, label_confidence, per_sample_loss
 
 Similarity = Literal["cosine", "l2"]
 AlphaRule = Literal["difference", "sign"]
@@ -50,6 +61,8 @@ def draw_sources(
     Returns ``sources`` (LongTensor[K, M]): slot m of misaligned sample k is
     filled by modality m of batch sample ``sources[k, m]``; and ``valid``
     (BoolTensor[N]): the anchors that found a partner. K = M * valid.sum().
+    ``labels`` are class ids [N] or multi-label rows [N, C]; two rows differ
+    when any class does.
 
     Rule: every anchor i gets a group of M members: i, a partner j, and for
     M > 2 another M - 2 samples drawn uniformly from the batch (with
@@ -77,6 +90,8 @@ def draw_sources(
     anchors = torch.arange(n, device=device)
     if require_distinct:
         other_label = labels[:, None] != labels[None, :]
+        if is_multi_label(labels):
+            other_label = other_label.any(dim=-1)
         scores = torch.rand(n, n, generator=generator, device=draw_on).to(device)
         partner = scores.masked_fill(~other_label, -1.0).argmax(dim=1)
         valid = other_label.any(dim=1)
@@ -128,13 +143,12 @@ def source_confidences(
 ) -> Tensor:
     """a[k, m] = p^m_s[y_s] with s = sources[k, m]: each slot's unimodal confidence in its own label.
 
+    Multi-label rows: a[k, m] = mean_{c: y_s,c = 1} σ(z^m_s)_c, the head's mean
+    probability of the source's positive labels (``tasks.label_confidence``).
     Detached: confidences make targets, and a target must not be trained
     towards the prediction.
     """
-    own_label = torch.stack(
-        [F.softmax(unimodal_logits[m].detach().float(), dim=-1).gather(1, labels[:, None]).squeeze(1) for m in modalities],
-        dim=1,
-    )  # [N, M]
+    own_label = torch.stack([label_confidence(unimodal_logits[m], labels) for m in modalities], dim=1)  # [N, M]
     return own_label.gather(0, sources)
 
 
@@ -150,8 +164,13 @@ def soft_labels(confidences: Tensor) -> Tensor:
 
 
 def fused_source_probabilities(fused_logits: Tensor, source_labels: Tensor) -> Tensor:
-    """p~[k, y^(m)]: the fused model's probability of each slot's source label (detached), [K, M]."""
-    return F.softmax(fused_logits.detach().float(), dim=-1).gather(1, source_labels)
+    """p~[k, y^(m)]: the fused model's probability of each slot's source label (detached), [K, M].
+
+    Source labels are [K, M] class ids, or [K, M, C] rows (multi-label), for
+    which it is the fused model's mean sigmoid probability of the slot's
+    source's positive labels.
+    """
+    return label_confidence(fused_logits, source_labels)
 
 
 def _similarity(u: Tensor, v: Tensor, kind: Similarity) -> Tensor:
@@ -209,13 +228,23 @@ def misaligned_loss(
     soft: Tensor,
     alpha: Tensor | None = None,
     weights: Tensor | None = None,
+    pos_weight: Tensor | None = None,
 ) -> Tensor:
     """L_mis = mean_k w_k * [-sum_m alpha_m c^m_k log p~_k[y^(m)_k]].
 
     Slots that share a label add their terms (the soft target's mass on that
-    class). Zero, not NaN, when there is no misaligned sample.
+    class). Zero, not NaN, when there is no misaligned sample. Multi-label
+    source rows [K, M, C]: -log p~_k[y^(m)_k] becomes BCE(z~_k, y^(m)_k), the
+    binary cross-entropy averaged over the classes (each class's positive
+    term times ``pos_weight`` [C] when given).
     """
-    log_p = F.log_softmax(fused_logits, dim=-1).gather(1, source_labels)  # [K, M]
+    if source_labels.ndim == 3:  # multi-label rows [K, M, C]
+        count, slots, classes = source_labels.shape
+        repeated = fused_logits[:, None, :].expand(count, slots, classes).reshape(count * slots, classes)
+        slot_losses = per_sample_loss(repeated, source_labels.reshape(count * slots, classes), pos_weight)
+        log_p = -slot_losses.view(count, slots)  # [K, M]
+    else:
+        log_p = F.log_softmax(fused_logits, dim=-1).gather(1, source_labels)  # [K, M]
     coefficients = soft if alpha is None else soft * alpha
     per_sample = -(coefficients * log_p).sum(1)
     if weights is not None:
@@ -336,6 +365,7 @@ class MisalignmentLoss(nn.Module):
         *,
         sources: Tensor | None = None,
         misaligned: Callable[[Tensor], dict[str, Tensor]] | None = None,
+        pos_weight: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """(L_mis, stats) for one aligned batch.
 
@@ -347,6 +377,8 @@ class MisalignmentLoss(nn.Module):
         default gathers ``features`` (feature level), input level passes e.g.
         ``lambda s: encode(misaligned_inputs(inputs, s, modalities))``.
         Confidences and hard-sample weights always come from the aligned batch.
+        ``labels`` are class ids [N] or multi-label rows [N, C] (the module's
+        generalisation); ``pos_weight`` [C] weighs each class's positive BCE term.
 
         ``stats`` (detached tensors): ``count`` misaligned samples; per slot
         means over them of ``confidence`` c^m, ``fused_confidence`` q^m (the
@@ -363,7 +395,7 @@ class MisalignmentLoss(nn.Module):
         source_labels = labels[sources]
         weights = hard_sample_weights(features, sources, self.modalities, self.similarity) if self.hard_weighting else None
         alpha = self.alpha if self.weak_weighting else None
-        loss = misaligned_loss(fused_logits, source_labels, soft_labels(confidences), alpha, weights)
+        loss = misaligned_loss(fused_logits, source_labels, soft_labels(confidences), alpha, weights, pos_weight)
         return loss, self._statistics(confidences, fused_source_probabilities(fused_logits, source_labels))
 
     def _statistics(self, confidences: Tensor, fused_probabilities: Tensor) -> dict[str, Tensor]:

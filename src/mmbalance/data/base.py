@@ -16,11 +16,16 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+from ..tasks import MULTI_LABEL, SINGLE_LABEL, is_multi_label, stratification_key, task_of
 from .batch import Batch
 
 
 class MultimodalDataset(Dataset):
-    """A split: ``__getitem__`` gives ``{modality: tensor, 'label': int, 'index': int}``."""
+    """A split: ``__getitem__`` gives ``{modality: tensor, 'label': int, 'index': int}``.
+
+    On multi-label data (``tasks.py``) ``labels`` is [N, C] of 0/1 (float32)
+    and a sample's ``'label'`` is its row.
+    """
 
     modalities: list[str]
     labels: Tensor
@@ -37,7 +42,10 @@ class MultimodalDataset(Dataset):
 
 
 class TensorDataset(MultimodalDataset):
-    """Modalities held as tensors in memory; batched fetches are vectorised."""
+    """Modalities held as tensors in memory; batched fetches are vectorised.
+
+    ``labels``: class ids [N] (kept as int64) or multi-label rows [N, C] (kept as float32 0/1).
+    """
 
     def __init__(self, inputs: dict[str, Tensor], labels: Tensor, index: Tensor | None = None):
         n = int(labels.shape[0])
@@ -45,7 +53,7 @@ class TensorDataset(MultimodalDataset):
             if int(x.shape[0]) != n:
                 raise DataError(f"modality '{name}' has {x.shape[0]} samples but there are {n} labels")
         self.inputs = inputs
-        self.labels = labels.long()
+        self.labels = labels.float() if is_multi_label(labels) else labels.long()
         self.index = torch.arange(n) if index is None else index.long()
         self.modalities = list(inputs)
 
@@ -54,7 +62,7 @@ class TensorDataset(MultimodalDataset):
 
     def __getitem__(self, i: int) -> dict:
         sample: dict[str, Any] = {m: x[i] for m, x in self.inputs.items()}
-        sample["label"] = int(self.labels[i])
+        sample["label"] = self.labels[i] if is_multi_label(self.labels) else int(self.labels[i])
         sample["index"] = int(self.index[i])
         return sample
 
@@ -97,7 +105,7 @@ def carve(dataset: MultimodalDataset, fraction: float, seed: int) -> tuple[Multi
     """(rest, carved): a stratified ``fraction`` of ``dataset`` set apart, the same for every method of a seed."""
     from .splits import stratified_split
 
-    carved, rest = stratified_split(dataset.labels.numpy(), (fraction,), seed)
+    carved, rest = stratified_split(stratification_key(dataset.labels.numpy()), (fraction,), seed)
     if len(carved) == 0 or len(rest) == 0:
         raise DataError(
             f"data.heldout_fraction={fraction} of {len(dataset)} training samples leaves an empty part; choose another fraction"
@@ -122,6 +130,8 @@ class DataBundle:
     # per standardised modality, the training statistics (``data/standardise.py``): stored with the
     # run's best checkpoint so that ``mmbalance predict`` transforms new inputs the same way
     standardisation: dict[str, Any] = field(default_factory=dict)
+    # single_label (labels [N] of class ids) or multi_label (labels [N, num_classes] of 0/1): ``tasks.py``
+    task: str = SINGLE_LABEL
 
     @classmethod
     def from_tensors(
@@ -140,22 +150,34 @@ class DataBundle:
     ) -> "DataBundle":
         """Splits of in-memory data: one tensor (or array) per modality, first dimension = samples.
 
+        ``labels``: one class id per sample ([N]), or for multi-label data one
+        row of 0/1 per sample ([N, C], C classes; several may be on).
         ``rows`` gives the ``(train, val, test)`` row indices; without it a
         stratified split with the given fractions is drawn from ``seed``.
-        ``num_classes`` defaults to the largest label + 1. ``standardisation``:
-        the ``Standardisation`` each standardised modality went through.
+        ``num_classes`` defaults to the largest label + 1 (the number of
+        columns for multi-label rows). ``standardisation``: the
+        ``Standardisation`` each standardised modality went through.
         """
         from .splits import train_val_test
 
         tensors = {m: _as_tensor(m, x) for m, x in tensors.items()}
-        labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, Tensor) else labels).long()
-        if labels.ndim != 1:
-            raise DataError(f"labels must be 1-d (one class per sample), got shape {tuple(labels.shape)}")
+        labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, Tensor) else labels)
+        if labels.ndim == 2:
+            labels = multi_label_rows(labels.cpu().numpy(), "the labels given to DataBundle.from_tensors")
+            if num_classes is None:
+                num_classes = int(labels.shape[1])
+        elif labels.ndim != 1:
+            raise DataError(
+                f"labels must be 1-d (one class per sample) or 2-d (one 0/1 row per sample, multi-label), "
+                f"got shape {tuple(labels.shape)}"
+            )
+        else:
+            labels = labels.long()
         if num_classes is None:
             source = "the labels given to DataBundle.from_tensors"
             num_classes = infer_num_classes(labels.numpy(), source, "num_classes")
         if rows is None:
-            rows = train_val_test(labels.numpy(), val_fraction, test_fraction, seed)
+            rows = train_val_test(stratification_key(labels.numpy()), val_fraction, test_fraction, seed)
         full = TensorDataset(tensors, labels)
         train, val, test = (full.subset(r) for r in rows)
         return cls(
@@ -169,6 +191,7 @@ class DataBundle:
             info=info or {},
             input_dtypes={m: x.dtype for m, x in tensors.items()},
             standardisation=dict(standardisation or {}),
+            task=task_of(labels),
         )
 
     def split(self, name: str) -> MultimodalDataset:
@@ -184,6 +207,8 @@ class DataBundle:
             )
         if self.num_classes < 2:
             raise DataError(f"need at least 2 classes, got {self.num_classes}")
+        if self.task not in (SINGLE_LABEL, MULTI_LABEL):
+            raise DataError(f"unknown task '{self.task}' (allowed: {SINGLE_LABEL}, {MULTI_LABEL})")
         for m in self.modalities:
             shape = tuple(self.input_shapes.get(m, ()))
             if 0 in shape:
@@ -196,13 +221,10 @@ class DataBundle:
             data = getattr(self, split)
             if len(data) == 0:
                 raise DataError(f"the {split} split is empty; check the data and the split fractions")
-            labels = data.labels
-            low, high = int(labels.min()), int(labels.max())
-            if low < 0 or high >= self.num_classes:
-                bad = low if low < 0 else high
-                raise DataError(
-                    f"label {bad} in the {split} split is out of range (allowed: 0..{self.num_classes - 1})"
-                )
+            if self.task == MULTI_LABEL:
+                check_multi_label_split(data.labels, self.num_classes, split)
+            else:
+                check_class_ids(data.labels, self.num_classes, split)
             missing = [m for m in self.modalities if m not in data.modalities]
             if missing:
                 raise DataError(f"the {split} split has no data for modality {missing[0]!r} (expected {self.modalities})")
@@ -263,6 +285,49 @@ def infer_num_classes(labels: np.ndarray, source: str, option: str) -> int:
                 f"which would make {num_classes} classes; relabel the classes 0..C-1 or set {option}"
             )
     return num_classes
+
+
+def multi_label_rows(labels: np.ndarray, source: str) -> Tensor:
+    """Multi-label rows [N, C] as float32 0/1, refusing anything but 0 and 1 (booleans and whole numbers pass)."""
+    if labels.ndim != 2:
+        raise DataError(f"multi-label labels in {source} must be 2-d (samples x classes), got shape {labels.shape}")
+    if labels.shape[1] < 2:
+        raise DataError(f"multi-label labels in {source} have {labels.shape[1]} column; need at least 2 classes")
+    if labels.dtype == np.bool_:
+        return torch.from_numpy(labels.astype(np.float32))
+    if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
+        raise DataError(f"multi-label labels in {source} must hold 0 and 1, got dtype {labels.dtype}")
+    bad = ~np.isin(labels, (0, 1))
+    if bad.any():
+        row, column = (int(v) for v in np.argwhere(bad)[0])
+        raise DataError(
+            f"multi-label labels in {source} must hold 0 and 1, got {labels[row, column]} at sample {row}, class {column}"
+        )
+    return torch.from_numpy(labels.astype(np.float32))
+
+
+def check_class_ids(labels: Tensor, num_classes: int, split: str) -> None:
+    """One class id in 0..num_classes-1 per sample, or one line saying what is wrong."""
+    if labels.ndim != 1:
+        raise DataError(
+            f"the {split} split has labels of shape {tuple(labels.shape)}, but the dataset is single-label "
+            "(one class id per sample)"
+        )
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        raise DataError(f"label {bad} in the {split} split is out of range (allowed: 0..{num_classes - 1})")
+
+
+def check_multi_label_split(labels: Tensor, num_classes: int, split: str) -> None:
+    """One 0/1 row of ``num_classes`` per sample, or one line saying what is wrong."""
+    if labels.ndim != 2 or labels.shape[1] != num_classes:
+        raise DataError(
+            f"the {split} split has labels of shape {tuple(labels.shape)}, expected (samples, {num_classes}) "
+            "rows of 0/1 for multi-label data"
+        )
+    if not ((labels == 0) | (labels == 1)).all():
+        raise DataError(f"the {split} split has multi-label labels other than 0 and 1")
 
 
 def check_labels(labels: np.ndarray, num_classes: int, source: str) -> None:

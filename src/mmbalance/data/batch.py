@@ -11,7 +11,10 @@ from torch import Tensor
 
 @dataclass
 class Batch:
-    """``inputs`` maps modality name -> tensor with the batch in dimension 0."""
+    """``inputs`` maps modality name -> tensor with the batch in dimension 0.
+
+    ``labels``: class ids [B] (int64), or [B, C] rows of 0/1 (float32) on multi-label data.
+    """
 
     inputs: dict[str, Tensor]
     labels: Tensor
@@ -42,11 +45,14 @@ class Batch:
 
 
 def collate(samples: list[dict]) -> Batch:
-    """Stack per-sample dicts ``{modality..., 'label', 'index'}`` into a Batch."""
+    """Stack per-sample dicts ``{modality..., 'label', 'index'}`` into a Batch (a class id or a 0/1 row per label)."""
     first = samples[0]
     modalities = [k for k in first if k not in ("label", "index")]
     inputs = {m: torch.stack([torch.as_tensor(s[m]) for s in samples]) for m in modalities}
-    labels = torch.as_tensor([int(s["label"]) for s in samples], dtype=torch.long)
+    if torch.as_tensor(first["label"]).ndim == 0:
+        labels = torch.as_tensor([int(s["label"]) for s in samples], dtype=torch.long)
+    else:  # multi-label: one 0/1 row per sample
+        labels = torch.stack([torch.as_tensor(s["label"], dtype=torch.float32) for s in samples])
     index = torch.as_tensor([int(s["index"]) for s in samples], dtype=torch.long)
     return Batch(inputs=inputs, labels=labels, index=index)
 

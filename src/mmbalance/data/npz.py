@@ -3,7 +3,9 @@
 The file holds an integer ``label`` array, one array per modality (any other
 name; first dimension = samples, any trailing shape) and optionally a
 ``split`` array of ``train``/``val``/``test`` strings. Without ``split`` the
-samples are split by label like every other dataset. Everything is checked
+samples are split by label like every other dataset. A 2-d ``label`` of 0/1
+(samples x classes) makes the data multi-label: several classes per sample
+(``tasks.py``), split by each sample's rarest label. Everything is checked
 on load so that a bad file fails with one line instead of mid-training.
 
 Float arrays are standardised with the training split's statistics
@@ -27,7 +29,8 @@ from pydantic import Field
 from ..config import Section
 from ..errors import DataError
 from ..registry import DATASETS
-from .base import DataBundle, check_labels, infer_num_classes, select_views
+from ..tasks import stratification_key
+from .base import DataBundle, check_labels, infer_num_classes, multi_label_rows, select_views
 from .loading import split_seed
 from .splits import train_val_test
 from .standardise import fit_standardisation
@@ -117,7 +120,9 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
 def integer_labels(label: np.ndarray, path: Path) -> np.ndarray:
     """Labels as int64; whole-valued floats are accepted, anything else is refused."""
     if label.ndim != 1:
-        raise DataError(f"'label' in {path} must be 1-d (one class per sample), got shape {label.shape}")
+        raise DataError(
+            f"'label' in {path} must be 1-d (one class per sample) or 2-d (0/1 per class, multi-label), got shape {label.shape}"
+        )
     if np.issubdtype(label.dtype, np.integer):
         return label.astype(np.int64)
     if np.issubdtype(label.dtype, np.floating):
@@ -174,7 +179,9 @@ class NpzDataset:
     """Your own data: one .npz file with an array per modality, 'label' and an optional 'split'."""
 
     class Config(Section):
-        num_classes: Optional[int] = Field(None, ge=2, description="number of classes; default max label + 1")
+        num_classes: Optional[int] = Field(
+            None, ge=2, description="number of classes; default max label + 1 (multi-label: the label's columns, checked)"
+        )
 
     @classmethod
     def load(cls, config) -> DataBundle:
@@ -187,7 +194,11 @@ class NpzDataset:
         arrays = read_npz(path)
         if "label" not in arrays:
             raise DataError(f"{path} has no 'label' array (arrays: {', '.join(arrays) or 'none'})")
-        labels = integer_labels(arrays["label"], path)
+        multi_label = arrays["label"].ndim == 2
+        if multi_label:  # one 0/1 row per sample
+            labels = multi_label_rows(np.asarray(arrays["label"]), f"'label' of {path}").numpy()
+        else:
+            labels = integer_labels(arrays["label"], path)
         count = labels.shape[0]
         if count == 0:
             raise DataError(f"{path} has no samples ('label' is empty)")
@@ -197,17 +208,25 @@ class NpzDataset:
                 f"{path} needs at least 2 modality arrays besides 'label' and 'split', "
                 f"found {len(modalities)}: {list(modalities)}"
             )
-        if options.num_classes is not None:
+        if multi_label:
+            num_classes = labels.shape[1]
+            if options.num_classes is not None and options.num_classes != num_classes:
+                raise DataError(
+                    f"npz.num_classes={options.num_classes} but the multi-label 'label' of {path} has {num_classes} columns"
+                )
+        elif options.num_classes is not None:
             num_classes = options.num_classes
         else:
             num_classes = infer_num_classes(labels, f"'label' of {path}", "npz.num_classes")
-        check_labels(labels, num_classes, str(path))
+        if not multi_label:
+            check_labels(labels, num_classes, str(path))
         views = select_views(modalities, config.data.views, "npz")
         tensors = {name: modality_tensor(name, modalities[name], count) for name in views}
         if "split" in arrays:
             train, val, test = split_rows(arrays["split"], count, path)
         else:
-            train, val, test = train_val_test(labels, config.data.val_fraction, config.data.test_fraction, split_seed(config))
+            strata = stratification_key(labels)
+            train, val, test = train_val_test(strata, config.data.val_fraction, config.data.test_fraction, split_seed(config))
         # float arrays only: integers are token ids or counts, booleans indicators, both kept as they are
         scaled = [name for name in views if config.data.standardize and np.issubdtype(modalities[name].dtype, np.floating)]
         # float64 statistics of the float32 values, so large offsets keep their precision

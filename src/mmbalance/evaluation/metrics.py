@@ -7,6 +7,12 @@ with one all-reduce and gives exactly the single-process numbers. Built-in
 metrics are registered in ``METRICS`` and run for every method; a part adds
 its own through ``Part.metrics()``. A new quantity is one class here or in
 the part's file, nothing else.
+
+Multi-label runs (``tasks.py``) use ``MULTI_LABEL_METRICS``: they keep the
+rows of probabilities (``RowMetric``; gathered across processes, so every
+number is exact, mAP included) and score them at one threshold, which
+``evaluate`` sets on every metric (``Metric.threshold``), chosen on the rows
+themselves for ``eval.threshold=val`` on the validation split.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from torch import Tensor
 
 from ..misalignment import fused_source_probabilities
 from ..registry import METRICS
+from ..tasks import DEFAULT_THRESHOLD, MULTI_LABEL, SINGLE_LABEL, choose_threshold, micro_f1_from_counts
 from .shapley import all_coalitions, imbalance_ratio, shapley_values
 
 if TYPE_CHECKING:
@@ -29,6 +36,10 @@ class Metric:
     """Base: ``reset`` makes the sums, ``update`` adds a batch, ``compute`` reports."""
 
     name: ClassVar[str] = ""
+    #: set by ``evaluate`` before ``update``: single_label or multi_label
+    task: str = SINGLE_LABEL
+    #: set by ``evaluate`` before ``compute`` on multi-label runs: a class is predicted when its probability reaches it
+    threshold: float = DEFAULT_THRESHOLD
 
     def reset(self, modalities: list[str], num_classes: int, device: torch.device) -> None:
         self.modalities = list(modalities)
@@ -189,7 +200,10 @@ class Misalignment(SumMetric):
     than modalities, where every class fits in the top M and the score would
     be 100 % by construction. ``misaligned_confidence``: per modality, the
     mean fused probability of that slot's source class, normalised over the
-    slots; a model that reads only one modality gives that one ~1.
+    slots; a model that reads only one modality gives that one ~1. On
+    multi-label data the slot's confidence is the fused model's mean sigmoid
+    probability of its source's positive labels, and ``misaligned_accuracy``
+    is None (a top-M hit presumes one class per source).
     """
 
     def init_sums(self):
@@ -206,13 +220,14 @@ class Misalignment(SumMetric):
             return
         probabilities = fused_source_probabilities(logits, source_labels)
         normalised = probabilities / probabilities.sum(dim=1, keepdim=True).clamp_min(1e-12)
-        self.sums["hits"] += misaligned_hits(logits.float(), source_labels).sum()
+        if source_labels.ndim == 2:  # class ids; top-M hits have no multi-label meaning
+            self.sums["hits"] += misaligned_hits(logits.float(), source_labels).sum()
         self.sums["count"] += len(logits)
         self.sums["confidence"] += normalised.double().sum(0)
 
     def compute(self):
         count = self.sums["count"][0]
-        defined = self.num_classes > len(self.modalities)
+        defined = self.num_classes > len(self.modalities) and self.task != MULTI_LABEL
         return {
             "misaligned_accuracy": ratio(self.sums["hits"][0], count) if defined else None,
             "misaligned_confidence": {m: ratio(self.sums["confidence"][k], count) for k, m in enumerate(self.modalities)},
@@ -220,4 +235,163 @@ class Misalignment(SumMetric):
         }
 
 
+# -- multi-label -------------------------------------------------------------------------------------
+class RowMetric(Metric):
+    """A metric that keeps per-sample rows (CPU float32) instead of sums; ``evaluate`` gathers them across processes.
+
+    Ranking metrics (average precision) and the choice of a threshold need
+    every score, which no fixed set of sums holds.
+    """
+
+    def reset(self, modalities, num_classes, device):
+        super().reset(modalities, num_classes, device)
+        self.rows: dict[str, list[Tensor]] = {}
+
+    def add_rows(self, key: str, values: Tensor) -> None:
+        self.rows.setdefault(key, []).append(values.detach().float().cpu())
+
+    def stacked(self, key: str, width: int) -> Tensor:
+        parts = self.rows.get(key, [])
+        return torch.cat(parts) if parts else torch.zeros(0, width)
+
+
+def average_precision(scores: Tensor, positive: Tensor) -> float:
+    """AP = Σ_k (R_k − R_{k−1}) P_k over the distinct scores, highest first (no interpolation).
+
+    P_k and R_k are the precision and recall of predicting every sample
+    scoring at least the k-th distinct score, so tied samples enter together
+    (the step-wise AP of scikit-learn's ``average_precision_score``). NaN when
+    there is no positive.
+    """
+    total = int(positive.sum())
+    if total == 0:
+        return math.nan
+    order = scores.argsort(descending=True, stable=True)
+    ranked, hits = scores[order], positive[order].double()
+    true_positive = hits.cumsum(0)
+    last_of_tie = torch.ones_like(ranked, dtype=torch.bool)
+    last_of_tie[:-1] = ranked[1:] != ranked[:-1]
+    predicted = torch.arange(1, len(ranked) + 1, dtype=torch.float64)[last_of_tie]
+    true_positive = true_positive[last_of_tie]
+    recall = true_positive / total
+    steps = torch.diff(recall, prepend=recall.new_zeros(1))
+    return float((steps * true_positive / predicted).sum())
+
+
+def multi_label_scores(probabilities: Tensor, labels: Tensor, threshold: float) -> dict[str, float]:
+    """micro/macro/weighted/samples F1, mAP and subset accuracy of probabilities [N, C] against 0/1 rows [N, C].
+
+    A class is predicted when its probability is at least ``threshold``.
+    micro-F1 pools every (sample, class) decision; macro-F1 averages the
+    per-class F1 over the classes that occur in the labels or the
+    predictions (as single-label macro-F1 does); weighted-F1 weighs each
+    class's F1 by its number of positives; samples-F1 averages each sample's
+    F1 (1 for a sample with no label and no prediction); mAP averages the
+    per-class average precision over the classes with a positive;
+    ``accuracy`` is the share of samples whose predicted set is exactly
+    their label set (subset accuracy).
+    """
+    actual = labels > 0.5
+    predicted = probabilities >= threshold
+    hits = predicted & actual
+    tp, pred, act = (x.sum(0).double() for x in (hits, predicted, actual))
+    per_class = torch.where(pred + act > 0, 2 * tp / (pred + act).clamp_min(1), torch.zeros_like(tp))
+    support = act.sum()
+    row_hits, row_pred, row_act = (x.sum(1).double() for x in (hits, predicted, actual))
+    row_f1 = torch.where(row_pred + row_act > 0, 2 * row_hits / (row_pred + row_act).clamp_min(1), torch.ones_like(row_hits))
+    precisions = [average_precision(probabilities[:, k], actual[:, k]) for k in range(probabilities.shape[1])]
+    defined = [ap for ap in precisions if not math.isnan(ap)]
+    count = probabilities.shape[0]
+    return {
+        "micro_f1": micro_f1_from_counts(tp.sum(), pred.sum(), act.sum()),
+        "macro_f1": macro_f1_from_counts(tp, pred, act),
+        "weighted_f1": float((per_class * act).sum() / support) if support > 0 else 0.0,
+        "samples_f1": float(row_f1.mean()) if count else math.nan,
+        "mAP": sum(defined) / len(defined) if defined else math.nan,
+        "accuracy": float((predicted == actual).all(1).double().mean()) if count else math.nan,
+    }
+
+
+def micro_f1(probabilities: Tensor, labels: Tensor, threshold: float) -> float:
+    """micro-F1 of probabilities [N, C] against 0/1 rows at ``threshold`` (``multi_label_scores``' first number)."""
+    predicted, actual = probabilities >= threshold, labels > 0.5
+    return micro_f1_from_counts((predicted & actual).sum(), predicted.sum(), actual.sum())
+
+
+@METRICS.register("multilabel_classification")
+class MultiLabelClassification(RowMetric):
+    """The run's prediction on multi-label data: micro/macro/weighted/samples F1, mAP, subset accuracy."""
+
+    def update(self, view):
+        self.add_rows("probability", view.logits.sigmoid())
+        self.add_rows("label", view.labels)
+
+    def rows_of(self) -> tuple[Tensor, Tensor]:
+        return self.stacked("probability", self.num_classes), self.stacked("label", self.num_classes)
+
+    def best_threshold(self) -> float:
+        """The threshold maximising micro-F1 on these rows (``tasks.choose_threshold``)."""
+        return choose_threshold(*self.rows_of())
+
+    def compute(self):
+        probabilities, labels = self.rows_of()
+        return {
+            **multi_label_scores(probabilities, labels, self.threshold),
+            "threshold": self.threshold,
+            "num_samples": int(labels.shape[0]),
+        }
+
+
+@METRICS.register("multilabel_modality_contribution")
+class MultiLabelModalityContribution(RowMetric):
+    """Modality-only micro-F1 (the fused head with the others zeroed), exact Shapley values on micro-F1, imbalance ratio."""
+
+    def reset(self, modalities, num_classes, device):
+        super().reset(modalities, num_classes, device)
+        self.coalitions = all_coalitions(self.modalities)
+
+    def update(self, view):
+        self.add_rows("label", view.labels)
+        for k, c in enumerate(self.coalitions):
+            self.add_rows(f"coalition{k}", view.coalition_logits(c).sigmoid())
+
+    def compute(self):
+        labels = self.stacked("label", self.num_classes)
+        value = {
+            c: micro_f1(self.stacked(f"coalition{k}", self.num_classes), labels, self.threshold)
+            for k, c in enumerate(self.coalitions)
+        }
+        shapley = shapley_values(value, self.modalities)
+        return {
+            "modality_micro_f1": {m: value[frozenset([m])] for m in self.modalities},
+            "shapley": shapley,
+            "imbalance_ratio": imbalance_ratio(shapley),
+        }
+
+
+@METRICS.register("multilabel_unimodal_heads")
+class MultiLabelUnimodalHeads(RowMetric):
+    """micro-F1 of each unimodal head on its own encoder, at the run's threshold."""
+
+    def update(self, view):
+        heads = view.unimodal
+        self.add_rows("label", view.labels)
+        for m in self.modalities:
+            if m in heads:
+                self.add_rows(m, heads[m].sigmoid())
+
+    def compute(self):
+        labels = self.stacked("label", self.num_classes)
+        return {
+            "unimodal_micro_f1": {
+                m: micro_f1(self.stacked(m, self.num_classes), labels, self.threshold)
+                for m in self.modalities if self.rows.get(m)
+            }
+        }
+
+
 DEFAULT_METRICS = ("classification", "modality_contribution", "unimodal_heads", "misalignment")
+#: the built-in metrics of a multi-label run
+MULTI_LABEL_METRICS = (
+    "multilabel_classification", "multilabel_modality_contribution", "multilabel_unimodal_heads", "misalignment",
+)

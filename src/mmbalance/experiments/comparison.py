@@ -100,10 +100,10 @@ def column_name(baseline: str) -> str:
     return f"Δ vs {baseline}"
 
 
-def how_to_read(baseline: str, test: str, comparisons: dict[str, Comparison] | None = None) -> str:
+def how_to_read(baseline: str, test: str, comparisons: dict[str, Comparison] | None = None, metric: str = "accuracy") -> str:
     """The one sentence over a table that says what its Δ column means (and, for Wilcoxon on few seeds, its limit)."""
     sentence = (
-        f"*{column_name(baseline)}*: test accuracy minus `{baseline}`'s in points, paired by seed (a seed sets "
+        f"*{column_name(baseline)}*: test {metric} minus `{baseline}`'s in points, paired by seed (a seed sets "
         f"the split), as the mean difference [95 % confidence interval, t distribution with n − 1 degrees of "
         f"freedom] and the two-sided p of a {TESTS[test]} over the n seeds; {MARK} marks p < {ALPHA}, — means "
         "fewer than two seeds (no test)"

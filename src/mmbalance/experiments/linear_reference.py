@@ -49,7 +49,12 @@ def split_reference(methods: list[str]) -> tuple[list[str], bool]:
 
 
 def vector_features(bundle: DataBundle) -> None:
-    """Refuse, with one line, data that is not one float vector per sample and modality."""
+    """Refuse, with one line, data that is not one float vector per sample and modality (nor multi-label)."""
+    if getattr(bundle, "task", "single_label") == "multi_label":
+        raise ConfigError(
+            f"the linear reference is a softmax regression for one class per sample; leave '{NAME}' out of "
+            "--methods for multi-label data"
+        )
     for m in bundle.modalities:
         shape, dtype = tuple(bundle.input_shapes[m]), bundle.input_dtypes.get(m, torch.float32)
         if len(shape) != 1 or not dtype.is_floating_point:

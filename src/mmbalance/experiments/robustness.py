@@ -14,6 +14,7 @@ Output folder::
 
 AUC is the area under accuracy-vs-ε divided by the ε range, i.e. the mean
 accuracy over the swept range (with one level: that level's accuracy).
+Multi-label runs report micro-F1 in place of accuracy (``metric`` in robustness.json).
 """
 
 from __future__ import annotations
@@ -139,9 +140,15 @@ def area_under_curve(levels: Sequence[float], accuracies: Sequence[float]) -> fl
     return area / (levels[-1] - levels[0])
 
 
+def score_key(trainer: Trainer) -> str:
+    """The score a sweep reports: accuracy, or micro-F1 for a multi-label run."""
+    return "micro_f1" if getattr(trainer, "task", "single_label") == "multi_label" else "accuracy"
+
+
 def evaluate_run(trainer: Trainer, corruptions: list[Corruption], targets: dict[str, list[str]], log: Callable[[str], None]) -> dict:
-    """Test accuracy per target and level; ε = 0 is the clean accuracy, computed once."""
-    clean = trainer.evaluate("test")["accuracy"]
+    """Test accuracy (micro-F1 on multi-label runs) per target and level; ε = 0 is the clean score, computed once."""
+    key = score_key(trainer)
+    clean = trainer.evaluate("test")[key]
     accuracy: dict[str, list[float]] = {}
     for target, modalities in targets.items():
         row = []
@@ -150,10 +157,10 @@ def evaluate_run(trainer: Trainer, corruptions: list[Corruption], targets: dict[
                 row.append(clean)
             else:
                 corrupted = CorruptedLoader(trainer.test_loader, corruption, modalities)
-                row.append(trainer.evaluate_loader(corrupted)["accuracy"])
-            log(f"  {target} ε={corruption.level:g}: accuracy {100 * row[-1]:.2f}%")
+                row.append(trainer.evaluate_loader(corrupted)[key])
+            log(f"  {target} ε={corruption.level:g}: {key.replace('_', '-')} {100 * row[-1]:.2f}%")
         accuracy[target] = row
-    return {"clean_accuracy": clean, "accuracy": accuracy}
+    return {"metric": key, "clean_accuracy": clean, "accuracy": accuracy}
 
 
 def robustness_report(
@@ -205,7 +212,8 @@ def robustness_report(
         "seed": seed,
         "split": "test",
         "targets": targets,
-        "num_classes": num_classes,
+        "num_classes": num_classes if records[0]["metric"] == "accuracy" else None,  # no chance level for label sets
+        "metric": records[0]["metric"],
         "runs": records,
     }
     atomic_write_json(out_dir / "robustness.json", report)
@@ -221,8 +229,9 @@ def markdown_report(report: dict, command: str | None = None) -> str:
     parts = [f"# Robustness to `{report['corruption']}`", ""]
     if command:
         parts += ["Command:", "", "```", command, "```", ""]
+    metric = "micro-F1" if report.get("metric") == "micro_f1" else "accuracy"
     parts += [
-        f"Test accuracy (%) of each run's best checkpoint with `{report['corruption']}`"
+        f"Test {metric} (%) of each run's best checkpoint with `{report['corruption']}`"
         + (f" ({options})" if options else "")
         + f" applied at level ε to a fraction {report['fraction']:g} of the test samples (seed {report['seed']}),"
         " mean ± std over the runs of each method. AUC: area under accuracy-vs-ε divided by the ε range.",
@@ -262,7 +271,10 @@ def target_figure(report: dict, target: str):
     chance_line(ax, report.get("num_classes"))
     modalities = " + ".join(report["targets"][target])
     ax.set_xlabel(readable("corruption/level"))
-    ax.set_ylabel(readable(f"{report.get('split', 'test')}/accuracy"))
+    if report.get("metric") == "micro_f1":
+        ax.set_ylabel(f"{readable(report.get('split', 'test'))} micro-F1 (%)")
+    else:
+        ax.set_ylabel(readable(f"{report.get('split', 'test')}/accuracy"))
     ax.set_ylim(0, 100)
     ax.set_title(f"{report['corruption']} on {modalities} (fraction {report['fraction']:g})")
     ax.grid(alpha=0.3)

@@ -132,14 +132,14 @@ class TrialTrainer(Trainer):
         metrics = super().evaluate(split)
         if split == "val":  # the trainer's evaluation after each epoch (a trial never reaches the final report)
             epoch = self.state["epoch"] + 1
-            self.trial.report(metrics["accuracy"], epoch)
+            self.trial.report(metrics[self.selection_metric], epoch)  # accuracy; micro-F1 on multi-label data
             if self.trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
         return metrics
 
     def finish(self) -> dict:
-        """The trial's value: the best validation accuracy, the one the run's best checkpoint would have."""
-        return {"val_accuracy": self.state["best_val_accuracy"], "best_epoch": self.state["best_epoch"]}
+        """The trial's value: the best validation accuracy (the selection metric: micro-F1 on multi-label data)."""
+        return {"val_accuracy": self.state["best_val_score"], "best_epoch": self.state["best_epoch"]}
 
 
 def objective(base: RunConfig, space: dict[str, Range], bundle: DataBundle) -> Callable[[optuna.Trial], float]:

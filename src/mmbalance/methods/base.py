@@ -35,7 +35,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Optional
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Section
@@ -43,6 +42,8 @@ from ..data.batch import Batch
 from ..data.plan import EpochPlan
 from ..errors import ConfigError
 from ..models.multimodal import MultimodalModel, keep_features
+from ..registry import METHODS
+from ..tasks import MULTI_LABEL, POS_WEIGHT, exact_matches, task_loss
 from .record import StepRecord
 from .window import WindowConfig, window_bounds
 
@@ -67,6 +68,11 @@ class Part(nn.Module):
     #: (BASELINES §1.4.7). Off by default: a part that modulates gradients from each batch's
     #: statistics would apply them per micro-batch, so a run with accumulation refuses it.
     accumulation: ClassVar[bool] = False
+    #: the part trains correctly on multi-label data (labels [B, C] of 0/1, ``tasks.py``): its losses go
+    #: through ``task_loss`` / ``cross_entropy`` and its rule reads no single true class per sample
+    #: (a class's probability, a prototype, a top-1 hit). Off by default: a run combining a part without
+    #: it and a multi-label dataset is refused before training (``check_task_support``).
+    multi_label: ClassVar[bool] = False
 
     def __init__(self, config: Section, modalities: list[str], num_classes: int):
         super().__init__()
@@ -205,7 +211,7 @@ class Objective(Part):
         Returns the summed loss and the probe logits.
         """
         logits = model.heads({m: f.detach() for m, f in features.items()})
-        return sum(F.cross_entropy(z, labels) for z in logits.values()), logits
+        return sum(task_loss(z, labels) for z in logits.values()), logits
 
 
 class Plugin(Part):
@@ -222,14 +228,30 @@ class Plugin(Part):
 
 
 def cross_entropy(logits: Tensor, batch: Batch) -> Tensor:
-    """Mean cross-entropy over the batch, each sample weighted by ``batch.weight`` when a plugin set one."""
-    if batch.weight is None:
-        return F.cross_entropy(logits, batch.labels)
-    per_sample = F.cross_entropy(logits, batch.labels, reduction="none")
-    return (per_sample * batch.weight).mean()
+    """The batch's mean task loss, each sample weighted by ``batch.weight`` when a plugin set one.
+
+    Cross-entropy for class ids; for multi-label rows binary cross-entropy per
+    class (``tasks.task_loss``), with the run's positive-class weights
+    (``train.pos_weight``) that the trainer puts in ``batch.extras``.
+    """
+    return task_loss(logits, batch.labels, batch.weight, batch.extras.get(POS_WEIGHT))
 
 
 def accuracy_of(logits: Tensor, labels: Tensor) -> Tensor:
-    return (logits.detach().argmax(dim=-1) == labels).float().mean()
+    """Share of exact hits: the argmax is the class, or (multi-label) every class is on exactly when labelled."""
+    return exact_matches(logits.detach(), labels).float().mean()
+
+
+def check_task_support(parts: list[str], task: str, dataset: str) -> None:
+    """Refuse, in one line, a method with a part that cannot train on ``task`` (see ``Part.multi_label``)."""
+    if task != MULTI_LABEL:
+        return
+    unsupported = [name for name in parts if not METHODS.get(name).multi_label]
+    if unsupported:
+        able = ", ".join(n for n in METHODS.names() if not n.startswith("_") and METHODS.get(n).multi_label)
+        raise ConfigError(
+            f"method '{'+'.join(parts)}' cannot train on the multi-label data of '{dataset}': '{unsupported[0]}' "
+            f"does not support multi-label classification (parts that do: {able})"
+        )
 
 

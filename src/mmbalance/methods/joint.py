@@ -15,6 +15,7 @@ class Joint(Objective):
 
     honours_keep = True
     accumulation = True  # loss terms only
+    multi_label = True  # every term is the task loss (binary cross-entropy per class on multi-label data)
 
     class Config(Section):
         unimodal_weight: float = Field(

@@ -6,6 +6,10 @@ the unimodal heads (the epochs before ``modulation_starts``), the aligned
 losses, α's update after each optimizer step (pooled across processes) and
 the logs. After ``modulation_ends`` (if set) training continues on the
 aligned losses alone.
+
+On multi-label data every loss is binary cross-entropy per class and the
+confidences are mean sigmoid probabilities of the source's positive labels:
+our generalisation, written out in ``mmbalance.misalignment``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from ..evaluation.metrics import Metric
 from ..misalignment import MisalignmentLoss, misaligned_inputs
 from ..registry import METHODS
 from ..search_space import Choice, FloatRange
+from ..tasks import POS_WEIGHT
 from .base import Objective, cross_entropy
 from .window import WindowConfig, in_window, window_bounds
 
@@ -47,6 +52,7 @@ class MIDAS(Objective):
 
     honours_keep = True
     accumulation = True  # loss terms, and α moved once per optimizer step from every micro-batch's statistics
+    multi_label = True  # our generalisation: label vectors mixed by mean sigmoid confidences (misalignment.py)
 
     class Config(WindowConfig):
         level: Literal["feature", "input"] = Field(
@@ -147,7 +153,8 @@ class MIDAS(Objective):
                 return self.encode(model, misaligned_inputs(batch.inputs, sources, self.modalities))
 
         misaligned_loss, stats = self.misalignment(
-            features, heads, batch.labels, partial(self.fuse, model), ctx.generator, misaligned=encode_misaligned
+            features, heads, batch.labels, partial(self.fuse, model), ctx.generator, misaligned=encode_misaligned,
+            pos_weight=batch.extras.get(POS_WEIGHT),
         )
         record.add_loss("misaligned", self.config.lam * misaligned_loss)
         record.shared[STATS] = stats

@@ -173,6 +173,9 @@ class MMPareto(Plugin):
     }
 
     auxiliary_options = ("unimodal_weight",)
+    #: the rule combines the gradients of the step's loss terms and reads no class; its own unimodal term
+    #: is the task loss (binary cross-entropy per class on multi-label data)
+    multi_label = True
 
     def __init__(self, config, modalities, num_classes):
         super().__init__(config, modalities, num_classes)

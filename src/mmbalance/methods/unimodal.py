@@ -10,6 +10,7 @@ from ..config import Section
 from ..errors import ConfigError
 from ..models.multimodal import zero_out
 from ..registry import METHODS
+from ..tasks import MULTI_LABEL, POS_WEIGHT, SINGLE_LABEL, task_loss
 from .base import Objective, cross_entropy
 
 
@@ -23,9 +24,14 @@ class Unimodal(Objective):
     ensemble). With a modality name, only that modality is used. The fusion
     head is fitted on detached single-modality features so that the
     modality-only accuracy of this run is also a unimodal reference.
+
+    On multi-label data each head is a set of per-class sigmoids and the
+    ensemble is their product of experts: its logit for a class is the sum
+    of the heads' logits (the single-label sum of log-probabilities, per class).
     """
 
     accumulation = True  # loss terms only
+    multi_label = True  # task losses only; the ensemble sums logits per class on multi-label data
 
     class Config(Section):
         modality: str = Field("all", description="a modality name, or 'all' to train each one alone")
@@ -37,6 +43,10 @@ class Unimodal(Objective):
                 f"invalid value for unimodal.modality: {config.modality!r} (allowed: all, {', '.join(modalities)})"
             )
         self.selected = list(modalities) if config.modality == "all" else [config.modality]
+        self.task = SINGLE_LABEL
+
+    def setup(self, model, ctx):
+        self.task = getattr(ctx, "task", SINGLE_LABEL)  # how the heads' predictions combine
 
     def training_step(self, model, batch, ctx):
         features = self.encode(model, {m: batch.inputs[m] for m in self.selected})
@@ -46,10 +56,15 @@ class Unimodal(Objective):
         for m in self.selected:
             record.add_loss(m, cross_entropy(heads[m], batch))
         detached = {m: f.detach() for m, f in full.items()}
-        record.add_loss("fusion_probe", sum(F.cross_entropy(self.fuse(model, zero_out(detached, [m])), batch.labels) for m in self.selected))
+        pos_weight = batch.extras.get(POS_WEIGHT)
+        record.add_loss("fusion_probe", sum(
+            task_loss(self.fuse(model, zero_out(detached, [m])), batch.labels, pos_weight=pos_weight) for m in self.selected
+        ))
         return record
 
     def _combine(self, heads):
+        if self.task == MULTI_LABEL:
+            return sum(heads[m] for m in self.selected)
         return sum(F.log_softmax(heads[m], dim=-1) for m in self.selected)
 
     def encode(self, model, inputs):

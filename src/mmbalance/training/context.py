@@ -60,3 +60,5 @@ class TrainContext:
     predict_from_features: Callable[[dict], torch.Tensor] | None = None
     #: the StepRecords of the optimizer step being finished, one per micro-batch
     step_records: list = field(default_factory=list)
+    #: ``single_label`` or ``multi_label`` (``tasks.py``): how the run's labels, losses and predictions read
+    task: str = "single_label"

@@ -10,8 +10,9 @@ Run folder::
     config.yaml     the resolved configuration
     metrics.jsonl   one line per epoch (train loss/accuracy, validation metrics, method logs)
     last.pt         everything needed to resume, rewritten atomically every epoch
-    best.pt         model and method state at the best validation accuracy, and the training
-                    statistics the dataset standardised inputs with (for ``mmbalance predict``)
+    best.pt         model and method state at the best validation score (accuracy; micro-F1 on
+                    multi-label data; ``eval.select``), and the training statistics the dataset
+                    standardised inputs with (for ``mmbalance predict``)
     metrics.json    final validation and test metrics of the best checkpoint (``stopped_epoch``: where
                     early stopping ended the run, or null)
     scalars.csv     every per-epoch scalar, one column each (log.backends; also TensorBoard events)
@@ -38,10 +39,22 @@ from ..data.plan import PlannedDataset
 from ..errors import ConfigError, MMBalanceError, NonFiniteLossError
 from ..evaluation.evaluate import evaluate
 from ..files import FolderLock, atomic_write_json, atomic_write_text
+from ..methods.base import check_task_support
 from ..methods.compose import Method
 from ..methods.record import StepRecord
 from ..models.multimodal import MultimodalModel, build_model
 from ..models.parameters import ParameterGroups
+from ..tasks import (
+    DEFAULT_THRESHOLD,
+    MULTI_LABEL,
+    POS_WEIGHT,
+    check_task_options,
+    exact_matches,
+    f1_counts,
+    micro_f1_from_counts,
+    positive_class_weight,
+    selection_metric,
+)
 from .accumulation import MicroBatch, check_accumulation, micro_batches, optimizer_steps
 from .checkpoint import (
     atomic_save,
@@ -78,14 +91,15 @@ def run_files(out_dir: Path) -> list[str]:
     return found + sorted(p.name for p in out_dir.glob(EVENT_FILES))
 
 
-def epoch_line(record: dict, epochs: int) -> str:
-    """One plain line per epoch: the loss and the terms it sums, accuracies, time."""
+def epoch_line(record: dict, epochs: int, selection: str = "accuracy") -> str:
+    """One plain line per epoch: the loss and the terms it sums, accuracies (and the selection metric), time."""
     terms = {k[len("loss/"):]: v for k, v in record.get("method", {}).items() if k.startswith("loss/")}
     summed = " + ".join(f"{name} {value:.4f}" for name, value in terms.items())
     loss = f"loss {record['train_loss']:.4f}" + (f" ({summed})" if len(terms) > 1 else "")
+    selected = f"val {selection} {100 * record['val'][selection]:.2f}%  " if selection != "accuracy" else ""
     return (
         f"epoch {record['epoch']}/{epochs}  {loss}  train acc {100 * record['train_accuracy']:.2f}%  "
-        f"val acc {100 * record['val']['accuracy']:.2f}%  {record['seconds']:.1f}s"
+        f"val acc {100 * record['val']['accuracy']:.2f}%  {selected}{record['seconds']:.1f}s"
     )
 
 
@@ -161,7 +175,17 @@ class Trainer:
         self.precision = Precision(config.train.precision, self.device)
         seed_everything(config.seed)
         self.bundle = bundle if bundle is not None else load_dataset(config)
+        # the task (tasks.py) decides the loss, the metrics and what selects the best checkpoint; a part or
+        # option that does not fit it is refused here, before anything is built or written
+        self.task = getattr(self.bundle, "task", "single_label")
+        check_task_support(config.parts, self.task, config.data.name)
+        check_task_options(config.train.pos_weight, config.eval.threshold, self.task, config.data.name)
+        self.selection_metric = selection_metric(config.eval.select, self.task)
         self.train_data, self.heldout_data = heldout_split(self.bundle, config)
+        self.pos_weight = positive_class_weight(config.train.pos_weight, self.train_data.labels)
+        if self.pos_weight is not None:
+            self.pos_weight = self.pos_weight.to(self.device)
+        self._val_threshold: float | None = None  # eval.threshold=val: chosen on the current weights' validation rows
         self.model: MultimodalModel = build_model(
             config.model, self.bundle.modalities, self.bundle.input_shapes, self.bundle.num_classes,
             self.bundle.input_dtypes,
@@ -191,6 +215,7 @@ class Trainer:
             fit_teacher=TeacherFit(self),
             encode=lambda inputs: self.method.encode(self.model, inputs),
             predict_from_features=lambda features: self.method.predict_from_features(self.model, features),
+            task=self.task,
         )
         self.method.setup(self.model, self.ctx)
         self.model.to(self.device)
@@ -206,12 +231,13 @@ class Trainer:
             "epoch": 0,
             "global_step": 0,
             "best_epoch": -1,
-            "best_val_accuracy": -math.inf,
+            "best_val_accuracy": -math.inf,  # the validation accuracy of the best epoch
+            "best_val_score": -math.inf,  # its validation score on the selection metric (eval.select)
             "train_seconds": 0.0,
             "step_seconds": 0.0,
             "steps_timed": 0,
             "stopped_epoch": 0,  # the epoch early stopping ended the run after; 0 while it has not
-            "early_stop_best": -math.inf,  # the validation accuracy early stopping measures gains from
+            "early_stop_best": -math.inf,  # the validation score early stopping measures gains from
             "early_stop_epoch": 0,  # the epoch of that accuracy (or of the resume that extended a stopped run)
         }
         self.history: list[dict] = []  # one record per finished epoch: metrics.jsonl, and part of last.pt
@@ -290,17 +316,38 @@ class Trainer:
         return self._loader(PlannedDataset(self.train_data, plan), self.config.train.batch_size, sampler)
 
     # -- evaluation ----------------------------------------------------------
-    def evaluate_loader(self, loader) -> dict:
+    def evaluate_loader(self, loader, choose_threshold: bool = False) -> dict:
         """The run's metrics on ``loader`` (sharded across processes); train mode is left as found.
 
         Always in float32, also when a part evaluates inside a mixed-precision forward pass.
+        Multi-label runs score ``eval.threshold``; with ``eval.threshold=val`` the threshold is
+        chosen on the validation split (``choose_threshold`` marks that pass) and every other
+        loader is scored with the validation split's choice for the current weights.
         """
+        threshold = DEFAULT_THRESHOLD
+        setting = self.config.eval.threshold
+        if self.task == MULTI_LABEL and setting is not None:
+            if setting != "val":
+                threshold = setting
+            elif not choose_threshold:
+                threshold = self.validation_threshold()
+        choose = choose_threshold and self.task == MULTI_LABEL and setting == "val"
         with self.precision.full():
-            return evaluate(self.method, self.model, loader, self.device, self.bundle.modalities, self.bundle.num_classes, dist=self.dist)
+            metrics = evaluate(self.method, self.model, loader, self.device, self.bundle.modalities, self.bundle.num_classes,
+                               dist=self.dist, task=self.task, threshold=threshold, choose_threshold=choose)
+        if choose:
+            self._val_threshold = metrics["threshold"]
+        return metrics
+
+    def validation_threshold(self) -> float:
+        """``eval.threshold=val``: the threshold the validation split chooses for the current weights (one pass, cached)."""
+        if self._val_threshold is None:
+            self.evaluate_loader(self.val_loader, choose_threshold=True)
+        return self._val_threshold
 
     def evaluate(self, split: str) -> dict:
         loaders = {"train": self.train_eval_loader, "val": self.val_loader, "test": self.test_loader}
-        return self.evaluate_loader(loaders[split])
+        return self.evaluate_loader(loaders[split], choose_threshold=split == "val")
 
     # -- checkpoints ---------------------------------------------------------
     def _write(self, name: str, obj) -> None:
@@ -340,6 +387,7 @@ class Trainer:
         check_state_fits(checkpoint["method"], self.method.state_dict(), f"method '{self.config.method}'", path)
         self.model.load_state_dict(checkpoint["model"])
         self.method.load_state_dict(checkpoint["method"])
+        self._val_threshold = None  # new weights choose their own validation threshold
 
     def _restore(self, checkpoint: dict, path: Path) -> None:
         self._load_weights_from(checkpoint, path)
@@ -354,6 +402,8 @@ class Trainer:
             scheduler.load_state_dict(checkpoint["schedulers"][name])
         self.precision.load_state_dict(checkpoint.get("scaler"))
         self.state.update(checkpoint["state"])
+        if "best_val_score" not in checkpoint["state"]:  # written before selection metrics: it selected on accuracy
+            self.state["best_val_score"] = self.state["best_val_accuracy"]
         if self.state["epoch"] > self.config.train.epochs:
             raise MMBalanceError(
                 f"train.epochs={self.config.train.epochs} is below the {self.state['epoch']} epochs {path} has trained already"
@@ -454,6 +504,7 @@ class Trainer:
         ctx.epoch = epoch
         accumulate = self.config.train.accumulate
         ctx.train_loader, ctx.steps_per_epoch = self.train_loader, optimizer_steps(len(self.train_loader), accumulate)
+        self._val_threshold = None  # the weights change from here on
         self.method.on_epoch_start(self.model, ctx)
         loader = self._epoch_loader(epoch)
         ctx.train_loader = loader
@@ -461,6 +512,7 @@ class Trainer:
         plan = micro_batches(len(loader.sampler), loader.batch_size, accumulate)  # one per batch of the loader
         device = self.device
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
+        f1_totals = torch.zeros(3, dtype=torch.float64, device=device)  # multi-label: true, predicted, actual positives
         first_bad = torch.full((2,), -1.0, dtype=torch.float64, device=device)  # step, loss value
         log_sums: dict[str, torch.Tensor] = {}
         log_counts: dict[str, int] = {}
@@ -470,6 +522,8 @@ class Trainer:
             ctx.step_in_epoch = micro.step
             ctx.global_step = self.state["global_step"]
             batch = batch.to(device, non_blocking=True)
+            if self.pos_weight is not None:  # train.pos_weight, read by the parts' task loss (methods/base.py)
+                batch.extras[POS_WEIGHT] = self.pos_weight
             record = self.train_step(batch, micro)
             loss = record.loss
             if device.type == "cuda":
@@ -486,7 +540,9 @@ class Trainer:
             totals[0] += value * n
             totals[2] += n
             if record.logits is not None:
-                totals[1] += (record.logits.detach().argmax(-1) == batch.labels).sum()
+                totals[1] += exact_matches(record.logits.detach(), batch.labels).sum()
+                if self.task == MULTI_LABEL:
+                    f1_totals += f1_counts(record.logits.detach(), batch.labels)
             for key, logged in {**record.loss_logs(), **record.logs}.items():
                 logged = logged.detach().double() if isinstance(logged, torch.Tensor) else torch.tensor(float(logged), dtype=torch.float64, device=device)
                 log_sums[key] = log_sums[key] + logged if key in log_sums else logged.to(device)
@@ -511,11 +567,14 @@ class Trainer:
         totals = self.dist.all_reduce_sum(totals).tolist()
         logs.update(self.method.on_epoch_end(self.model, ctx) or {})
         self.dist.broadcast_module(self.model)  # the schedules step after validation (plateau reads it)
-        return {
+        result = {
             "train_loss": totals[0] / max(totals[2], 1),
-            "train_accuracy": totals[1] / max(totals[2], 1),
+            "train_accuracy": totals[1] / max(totals[2], 1),  # multi-label: exact label sets at threshold 0.5
             "method": logs,
         }
+        if self.task == MULTI_LABEL:
+            result["train_micro_f1"] = micro_f1_from_counts(*self.dist.all_reduce_sum(f1_totals).tolist())
+        return result
 
     def fit(self, resume: bool = False, overwrite: bool = False, locked: bool = False) -> dict:
         """Train to ``train.epochs``, keeping the best validation checkpoint; return final metrics.
@@ -597,7 +656,9 @@ class Trainer:
             record["seconds"] = time.perf_counter() - started
             self.state["epoch"] = epoch + 1
             self.history.append(record)
-            if val["accuracy"] > self.state["best_val_accuracy"]:
+            score = val[self.selection_metric]
+            if score > self.state["best_val_score"]:
+                self.state["best_val_score"] = score
                 self.state["best_val_accuracy"] = val["accuracy"]
                 self.state["best_epoch"] = epoch + 1
                 config = self.config.to_dict()
@@ -605,23 +666,23 @@ class Trainer:
                                         "fingerprint": config_fingerprint(config),
                                         "standardisation": self._standardisation_state()})
             for schedule in self.schedulers.values():
-                step_after_epoch(schedule, val["accuracy"])
-            self._check_early_stop(epoch + 1, val["accuracy"])
+                step_after_epoch(schedule, score)
+            self._check_early_stop(epoch + 1, score)
             self._write("last.pt", self._last_checkpoint())
             self._write_history()
             if self.loggers is not None:
                 self.loggers.log(record, self.history)
-            self.progress.epoch_summary(epoch_line(record, epochs))
+            self.progress.epoch_summary(epoch_line(record, epochs, self.selection_metric))
             if self.state["stopped_epoch"]:
                 t = self.config.train
                 self.progress.epoch_summary(
-                    f"early stop after epoch {epoch + 1}: validation accuracy has not gained more than "
+                    f"early stop after epoch {epoch + 1}: validation {self.selection_metric} has not gained more than "
                     f"{t.early_stop_delta:g} for {t.early_stop} epochs; best epoch {self.state['best_epoch']}"
                 )
                 break
         return self.finish()
 
-    def _check_early_stop(self, epoch: int, val_accuracy: float) -> None:
+    def _check_early_stop(self, epoch: int, val_score: float) -> None:
         """Early stopping (``train.early_stop`` epochs of patience): mark the run stopped after ``epoch``.
 
         A gain counts when it exceeds ``early_stop_delta``; the run stops once
@@ -632,8 +693,8 @@ class Trainer:
         t = self.config.train
         if t.early_stop == 0:
             return
-        if val_accuracy > self.state["early_stop_best"] + t.early_stop_delta:
-            self.state["early_stop_best"] = val_accuracy
+        if val_score > self.state["early_stop_best"] + t.early_stop_delta:
+            self.state["early_stop_best"] = val_score
             self.state["early_stop_epoch"] = epoch
         elif epoch - self.state["early_stop_epoch"] >= t.early_stop and epoch < t.epochs:
             self.state["stopped_epoch"] = epoch
@@ -654,6 +715,8 @@ class Trainer:
             "seed": self.config.seed,
             "modalities": self.bundle.modalities,
             "num_classes": self.bundle.num_classes,
+            "task": self.task,
+            "selection_metric": self.selection_metric,
             "best_epoch": self.state["best_epoch"],
             "epochs": self.config.train.epochs,
             "stopped_epoch": self.state["stopped_epoch"] or None,

@@ -11,7 +11,12 @@ Sentiment is a regression score; it is turned into classes because the
 library trains classifiers: ``labels: binary`` (default) is positive when
 score >= 0, the "non-negative" binary accuracy of MulT's evaluation;
 ``labels: 7class`` rounds the score clipped to [-3, 3] to classes 0..6
-(-3 -> 0). Non-finite features (MOSEI's audio has -inf) become 0, so a
+(-3 -> 0). CMU-MOSEI also has six emotions, several per clip:
+``mosei.labels: emotions`` reads pickles whose labels hold 7 values per
+sample in CMU-MultimodalSDK's order (sentiment, then the intensities of
+happiness, sadness, anger, surprise, disgust, fear; shape (N, 1, 7)) and
+makes a multi-label task: an emotion is on when its intensity is above 0.
+Non-finite features (MOSEI's audio has -inf) become 0, so a
 time step that was all zeros stays padding for the ``transformer`` encoder.
 The pickle is read by ``safe_pickle.load_arrays``, which admits numpy arrays
 and plain data only, so a file from elsewhere cannot run code.
@@ -29,6 +34,7 @@ from pydantic import Field
 from ...config import Section
 from ...errors import DataError
 from ...registry import DATASETS
+from ...tasks import MULTI_LABEL, SINGLE_LABEL
 from ..base import DataBundle, TensorDataset, select_views
 from ..loading import data_root
 from ..safe_pickle import load_arrays
@@ -36,6 +42,8 @@ from ..safe_pickle import load_arrays
 MODALITIES = ("audio", "vision", "text")
 SPLITS = {"train": "train", "val": "valid", "test": "test"}
 SEVEN = ["-3", "-2", "-1", "0", "1", "2", "3"]
+#: CMU-MOSEI's emotions, in the order of the SDK's label vector (after the sentiment score)
+EMOTIONS = ["happiness", "sadness", "anger", "surprise", "disgust", "fear"]
 
 
 class SentimentConfig(Section):
@@ -43,6 +51,17 @@ class SentimentConfig(Section):
     labels: Literal["binary", "7class"] = Field(
         "binary", description="binary: score >= 0 is positive; 7class: score clipped to [-3, 3] and rounded"
     )
+
+
+def emotion_rows(values: np.ndarray, path: Path, key: str) -> np.ndarray:
+    """[N, 6] of 0/1 from label rows [N, 7] (sentiment, then six emotion intensities): on when above 0."""
+    if values.shape[1] < 1 + len(EMOTIONS):
+        raise DataError(
+            f"{path}: labels=emotions needs {1 + len(EMOTIONS)} values per sample in '{key}/labels' (sentiment, then "
+            f"the intensities of {', '.join(EMOTIONS)}), got {values.shape[1]}; the MulT sentiment pickles hold "
+            "the sentiment score only"
+        )
+    return (values[:, 1 : 1 + len(EMOTIONS)] > 0).astype(np.float32)
 
 
 def sentiment_classes(scores: np.ndarray, scheme: str) -> np.ndarray:
@@ -122,7 +141,9 @@ class SentimentBenchmark:
             labels = as_array(arrays["labels"], np.float64, path, f"{key}/labels")
             if labels.ndim == 0 or (labels.shape[0] and labels.size == 0):
                 raise DataError(f"{path}: '{key}/labels' has shape {labels.shape}, expected (N, 1, 1) scores")
-            scores = labels.reshape(labels.shape[0], -1)[:, 0] if labels.size else np.zeros(0)
+            width = max(int(np.prod(labels.shape[1:])), 1)
+            values = labels.reshape(labels.shape[0], width) if labels.size else np.zeros((0, width))
+            scores = values[:, 0]
             count = scores.shape[0]
             inputs = {}
             for m in views:
@@ -137,10 +158,13 @@ class SentimentBenchmark:
                         f"{path}: '{key}/{m}' has shape {features.shape[1:]} per sample, other splits {shapes[m]}"
                     )
                 inputs[m] = torch.from_numpy(features)
-            labels = torch.from_numpy(sentiment_classes(scores, options.labels))
+            if options.labels == "emotions":
+                labels = torch.from_numpy(emotion_rows(values, path, key))
+            else:
+                labels = torch.from_numpy(sentiment_classes(scores, options.labels))
             parts[split] = TensorDataset(inputs, labels, torch.arange(offset, offset + count))
             offset += count
-        class_names = ["negative", "positive"] if options.labels == "binary" else SEVEN
+        class_names = {"binary": ["negative", "positive"], "7class": SEVEN, "emotions": EMOTIONS}[options.labels]
         return DataBundle(
             train=parts["train"],
             val=parts["val"],
@@ -150,6 +174,7 @@ class SentimentBenchmark:
             input_shapes={m: tuple(shapes[m]) for m in views},
             class_names=class_names,
             info={"path": str(path), "labels": options.labels, "aligned": options.aligned},
+            task=MULTI_LABEL if options.labels == "emotions" else SINGLE_LABEL,
         )
 
 
@@ -172,4 +197,8 @@ class MOSEI(SentimentBenchmark):
     files = {True: "mosei_senti_data.pkl", False: "mosei_senti_data_noalign.pkl"}
 
     class Config(SentimentConfig):
-        pass
+        labels: Literal["binary", "7class", "emotions"] = Field(
+            "binary",
+            description="binary: score >= 0 is positive; 7class: score clipped to [-3, 3] and rounded; emotions: the six "
+            "emotions as a multi-label task (labels with 7 values per sample: sentiment, then the emotion intensities)",
+        )
