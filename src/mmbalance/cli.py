@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import warnings
@@ -27,9 +28,18 @@ def _register_all(modules: list[str]) -> None:
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.lr=0.01 (repeatable)")
+    p.add_argument("--config", metavar="FILE", help="YAML config file (below the flags and --set)")
+    _add_set(p, "override a config key, e.g. --set train.lr=0.01 (repeatable; see: mmbalance list options NAME)")
+
+
+def _add_set(p: argparse.ArgumentParser, help: str) -> None:
+    """``--set KEY=VALUE``: every command that builds or reads a configuration takes its keys this one way."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def _add_run_settings(p: argparse.ArgumentParser) -> None:
+    """--set for a finished run: only what leaves the trained model as it is."""
+    _add_set(p, "a setting that does not change the model, e.g. --set train.device=cpu or data.root=DIR (repeatable)")
 
 
 def _common_options(defaults: bool) -> argparse.ArgumentParser:
@@ -37,7 +47,8 @@ def _common_options(defaults: bool) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     default = False if defaults else argparse.SUPPRESS
     common.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
-    common.add_argument("--quiet", action="store_true", default=default, help="no progress output")
+    common.add_argument("--quiet", action="store_true", default=default,
+                        help="stderr carries only errors and warnings: no progress bars, epoch or per-run lines")
     common.add_argument("--import", dest="imports", action="append", default=[] if defaults else argparse.SUPPRESS,
                         metavar="MODULE", help="import MODULE first, so the parts it registers can be used (repeatable)")
     return common
@@ -48,13 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mmbalance", description="Balanced multimodal learning.", parents=[_common_options(True)]
     )
     parser.add_argument("--version", action="version", version=f"mmbalance {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do (COMMAND --help: its options)")
     common = [_common_options(False)]
 
     p = sub.add_parser("train", parents=common, help="train one run")
-    p.add_argument("--dataset")
-    p.add_argument("--method", help="objective and plugins joined by '+', with options in brackets: 'midas[lam=0.5]+arl'")
-    p.add_argument("--seed", type=int)
+    _add_run_identity(p)
     p.add_argument("--out", help="run folder")
     p.add_argument("--resume", metavar="DIR",
                    help="continue the interrupted run in DIR (with --set train.epochs=N: extend it to N epochs)")
@@ -62,17 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
 
     p = sub.add_parser("eval", parents=common, help="evaluate a run's best checkpoint")
-    p.add_argument("--run", required=True, metavar="DIR")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--run", required=True, metavar="DIR", help="a finished run folder")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split to evaluate (default test)")
+    _add_run_settings(p)
 
     p = sub.add_parser("predict", parents=common, help="a run's predictions on new inputs, as a CSV file")
-    p.add_argument("--run", required=True, metavar="DIR")
+    p.add_argument("--run", required=True, metavar="DIR", help="a finished run folder")
     p.add_argument("--input", required=True, metavar="FILE",
                    help="an .npz file with one array per modality of the run (an optional 'label' array gives accuracies)")
     p.add_argument("--out", required=True, metavar="FILE", help="the CSV: one row per sample")
     p.add_argument("--overwrite", action="store_true", help="replace --out FILE if it exists")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="a setting that does not change the model, e.g. --set train.device=cpu (repeatable)")
+    _add_run_settings(p)
 
     p = sub.add_parser("robust", parents=common, help="test accuracy of runs under a corruption, against its level")
     p.add_argument("--run", dest="runs", action="append", required=True, metavar="DIR", help="run folder (repeatable)")
@@ -81,19 +90,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="modality to corrupt (repeatable; 'all' = every modality at once; default: each in turn)")
     p.add_argument("--levels", required=True, help="comma-separated levels ε, e.g. 0,0.5,1,2")
     p.add_argument("--fraction", type=float, default=0.5, help="fraction of test samples corrupted (default 0.5)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
-                   help="corruption option, e.g. --option unk_id=3 for token_mask (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="seed of which samples are corrupted and how (default 0)")
+    _add_set(p, "an option of the corruption, in its own section: --set token_mask.unk_id=3 "
+                "(repeatable; see: mmbalance list options CORRUPTION)")
+    # deprecated spelling of --set CORRUPTION.KEY=VALUE, kept working (hidden from --help)
+    p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE", help=argparse.SUPPRESS)
     p.add_argument("--out", required=True, help="report folder")
 
     p = sub.add_parser("list", parents=common, help="list registered components")
-    p.add_argument("what", choices=(*LISTABLE, "options"))
-    p.add_argument("name", nargs="?", help="with 'options': a method part, dataset or section (train, data, model)")
+    p.add_argument("what", choices=(*LISTABLE, "options"),
+                   help=f"{', '.join(LISTABLE)}, or options NAME: every option of one part, dataset, corruption or section")
+    p.add_argument("name", nargs="?",
+                   help="with 'options': a method part, dataset, corruption or section (train, data, model, log)")
+
+    p = sub.add_parser("config", parents=common, help="the resolved configuration of a run, without training it")
+    config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION", help="show")
+    f = config_sub.add_parser("show", parents=common,
+                              help="print the config.yaml that train would write for these settings")
+    _add_run_identity(f)
+    _add_config_args(f)
 
     p = sub.add_parser("data", parents=common, help="dataset utilities")
-    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION", help="fetch or prepare")
     f = data_sub.add_parser("fetch", parents=common, help="download a dataset into its data folder")
-    f.add_argument("name")
+    f.add_argument("name", help="a dataset that can be downloaded, e.g. mfeat or mnist_hog")
     f.add_argument("--root", help="destination folder (default: the dataset's cache folder)")
     f = data_sub.add_parser("prepare", parents=common,
                             help="raw audio-visual clips -> the loader's layout (frames, cached spectrograms, lists)")
@@ -104,16 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--test-fraction", type=float, default=0.1,
                    help="cremad without list files: stratified test fraction (default 0.1)")
     f.add_argument("--seed", type=int, default=0, help="seed of that split (default 0)")
-    f.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="loader option for the spectrogram, e.g. --set cremad.hop_length=353 (repeatable)")
+    _add_set(f, "loader option for the spectrogram, e.g. --set cremad.hop_length=353 (repeatable)")
 
     p = sub.add_parser("bench", parents=common, help="every method x seed on one dataset, with a summary")
-    p.add_argument("--dataset", required=True)
+    p.add_argument("--dataset", required=True, help="see: mmbalance list datasets")
     p.add_argument("--methods", required=True,
                    help="comma-separated method specs; NAME[key=value,...] adds options, '+' combines parts: "
                         "'joint,midas,midas[lam=0.5]+arl'; 'linear' adds the linear reference (vector features only)")
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--out", required=True)
+    p.add_argument("--seeds", default="5", help=SEEDS_HELP.format(default=5))
+    p.add_argument("--out", required=True, metavar="DIR", help="bench folder: one folder per run, results.jsonl, summary.md")
     p.add_argument("--robust", metavar="CORRUPTION:LEVELS",
                    help="after the runs, a robustness report into OUT/robustness, e.g. gaussian:0,1,2")
     p.add_argument("--baseline", metavar="SPEC",
@@ -127,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
 
     p = sub.add_parser("tune", parents=common, help="search a method's options for the best validation accuracy (Optuna)")
-    p.add_argument("--dataset")
+    p.add_argument("--dataset", help="see: mmbalance list datasets (default: synthetic)")
     p.add_argument("--method", required=True, help="method spec; its bracketed options and --set keys stay fixed")
     p.add_argument("--trials", type=int, required=True, metavar="N",
                    help="finished trials in all: rerunning continues the study up to N")
@@ -140,13 +159,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
 
     p = sub.add_parser("plot", parents=common, help="draw a run's curves as PNG and PDF files")
-    p.add_argument("--run", required=True, metavar="DIR")
+    p.add_argument("--run", required=True, metavar="DIR", help="a run folder (its metrics.jsonl)")
     p.add_argument("--out", help="folder for the PNG and PDF files (default: DIR/plots)")
 
     p = sub.add_parser("demo", parents=common, help="joint, unimodal and MIDAS training on the built-in synthetic data")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="report folder (default runs/demo)")
+    p.add_argument("--seeds", default="3", help=SEEDS_HELP.format(default=3))
+    _add_set(p, "override a config key of every run, e.g. --set train.epochs=10 (repeatable)")
     return parser
+
+
+SEEDS_HELP = "a count (5: seeds 0..4) or the seeds themselves, comma-separated (0,3,7; one seed: 7,) (default {default})"
+
+
+def _add_run_identity(p: argparse.ArgumentParser) -> None:
+    """--dataset, --method and --seed: what train and config show resolve a configuration from."""
+    p.add_argument("--dataset", help="see: mmbalance list datasets (default: synthetic)")
+    p.add_argument("--method", help="objective and plugins joined by '+', with options in brackets: 'midas[lam=0.5]+arl'")
+    p.add_argument("--seed", type=int, help="seed of the run and, unless data.split_seed is set, of the split (default 0)")
+
+
+def parse_seeds(text: str) -> int | list[int]:
+    """``'5'`` -> 5 (a count); ``'0,3,7'`` -> [0, 3, 7] (exactly those); a single seed is ``'7,'``."""
+    parts = [part.strip() for part in str(text).split(",")]
+    try:
+        if len(parts) == 1:
+            return int(parts[0])
+        return [int(part) for part in parts if part]
+    except ValueError:
+        raise MMBalanceError(f"--seeds {text!r}: expected a count (5) or comma-separated seeds (0,3,7)") from None
 
 
 def cmd_train(args) -> int:
@@ -173,6 +214,14 @@ def cmd_train(args) -> int:
 
 def _metrics_line(metrics: dict) -> str:
     test = metrics["test"]
+    if metrics.get("task") == "multi_label":  # F1 scores at the run's threshold; modality-only on micro-F1
+        only = ", ".join(f"{m} {100 * v:.1f}%" for m, v in test["modality_micro_f1"].items())
+        return (
+            f"{metrics['method']} on {metrics['dataset']} (seed {metrics['seed']}, multi-label): "
+            f"test micro-F1 {100 * test['micro_f1']:.2f}%, macro-F1 {100 * test['macro_f1']:.2f}%, "
+            f"mAP {100 * test['mAP']:.2f}% (threshold {test['threshold']:g}), "
+            f"modality-only micro-F1 [{only}], best epoch {metrics['best_epoch']}"
+        )
     only = ", ".join(f"{m} {100 * v:.1f}%" for m, v in test["modality_accuracy"].items())
     return (
         f"{metrics['method']} on {metrics['dataset']} (seed {metrics['seed']}): "
@@ -184,7 +233,7 @@ def _metrics_line(metrics: dict) -> str:
 def cmd_eval(args) -> int:
     from .api import load_run
 
-    run = load_run(Path(args.run))
+    run = load_run(Path(args.run), args.overrides)
     metrics = run.evaluate(args.split)
     epoch = run.metrics.get("best_epoch") if run.metrics else None
     print(json.dumps({"run": str(run.path), "method": run.method, "split": args.split, "epoch": epoch, **metrics}, indent=2))
@@ -210,14 +259,40 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def cmd_robust(args, command: str) -> int:
+def corruption_options(corruption: str, settings: list[str], deprecated: list[str]) -> dict:
+    """``--set CORRUPTION.KEY=VALUE`` -> ``{KEY: VALUE}``.
+
+    A corruption's options live in a section named after it, as a method's
+    do (``token_mask.unk_id``), so they cannot be taken for a run's keys.
+    ``deprecated`` holds the old ``--option KEY=VALUE`` spelling, still read.
+    """
     from .config import parse_override
+    from .registry import CORRUPTIONS
+
+    CORRUPTIONS.get(corruption)  # an unknown name first, with its did-you-mean
+    options = {}
+    for text in settings:
+        key, value = parse_override(text)
+        section, _, option = key.partition(".")
+        if section != corruption or not option:
+            raise MMBalanceError(
+                f"robust --set takes options of the corruption, as {corruption}.KEY=VALUE (see: mmbalance list options "
+                f"{corruption}); '{key}' is not one"
+            )
+        options[option] = value
+    for text in deprecated:
+        if "=" not in text:
+            raise MMBalanceError(f"bad --option '{text}': expected KEY=VALUE; use --set {corruption}.KEY=VALUE")
+        key, value = parse_override(text)
+        warnings.warn(f"--option is deprecated: use --set {corruption}.{key}=...", FutureWarning)
+        options[key] = value
+    return options
+
+
+def cmd_robust(args, command: str) -> int:
     from .experiments.robustness import parse_levels, robustness_report
 
-    for option in args.options:
-        if "=" not in option:
-            raise MMBalanceError(f"bad --option '{option}': expected KEY=VALUE, e.g. unk_id=3")
-    options = dict(parse_override(option) for option in args.options)
+    options = corruption_options(args.corruption, args.overrides, args.options)
     robustness_report(args.runs, args.corruption, parse_levels(args.levels), Path(args.out), args.modalities,
                       args.fraction, args.seed, options, command=command,
                       log=(lambda text: None) if args.quiet else None)
@@ -244,6 +319,14 @@ def cmd_list(args) -> int:
         kind = getattr(registry.get(name), "kind", None) if args.what == "methods" else None
         prefix = f"{kind:<9}  " if kind else ""
         print(f"{name:<{width}}  {prefix}{registry.describe(name)}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from .config import build_config
+
+    config = build_config(args.config, args.overrides, dataset=args.dataset, method=args.method, seed=args.seed)
+    sys.stdout.write(config.to_yaml())
     return 0
 
 
@@ -279,6 +362,10 @@ def _stderr(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def _silent(text: str) -> None:
+    """The log of --quiet."""
+
+
 def cmd_bench(args, command: str) -> int:
     from .experiments.bench import run_bench
     from .experiments.robustness import parse_sweep
@@ -288,8 +375,9 @@ def cmd_bench(args, command: str) -> int:
     robust = parse_sweep(args.robust) if args.robust else None
     if args.tune < 0:
         raise MMBalanceError(f"--tune must be a number of trials >= 1 (or 0: no tuning), got {args.tune}")
-    run_bench(args.dataset, methods, args.seeds, Path(args.out), args.overrides, args.config, tune=args.tune, jobs=args.jobs,
-              quiet=args.quiet, command=command, robust=robust, baseline=args.baseline, test=args.test)
+    run_bench(args.dataset, methods, parse_seeds(args.seeds), Path(args.out), args.overrides, args.config, tune=args.tune,
+              jobs=args.jobs, quiet=args.quiet, command=command, robust=robust, baseline=args.baseline, test=args.test,
+              log=_silent if args.quiet else None)
     print((Path(args.out) / "summary.md").read_text())
     return 0
 
@@ -325,14 +413,39 @@ def cmd_demo(args) -> int:
     from .experiments.bench import run_bench
 
     out = Path(args.out)
-    command = f"mmbalance demo --out {args.out} --seeds {args.seeds}"
-    run_bench("synthetic", ["joint", "unimodal", "midas"], args.seeds, out, quiet=args.quiet, command=command)
+    command = shlex.join(["mmbalance", "demo", "--out", args.out, "--seeds", args.seeds,
+                          *(word for setting in args.overrides for word in ("--set", setting))])
+    run_bench("synthetic", ["joint", "unimodal", "midas"], parse_seeds(args.seeds), out, args.overrides,
+              quiet=args.quiet, command=command, log=_silent if args.quiet else None)
     print((out / "summary.md").read_text())
     print(f"Report folder: {out} (summary.md, summary.png/.pdf, results.jsonl, one folder per run)")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # inside the try: a reader that left early (`| head`) is found here at the latest
+        return status
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """The reader of stdout closed it (``mmbalance list methods | head -1``): it has what it wanted, so not an error.
+
+    Python's documented recipe: point stdout at devnull, so that the flush at
+    exit does not fail again, and end quietly.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file descriptor (captured in tests): nothing left to flush there
+        pass
+    return 0
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -342,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": cmd_eval,
         "predict": cmd_predict,
         "list": cmd_list,
+        "config": cmd_config,
         "data": cmd_data,
         "bench": lambda a: cmd_bench(a, command),
         "robust": lambda a: cmd_robust(a, command),
@@ -372,6 +486,8 @@ def _run(handler, args) -> int:
     except KeyboardInterrupt:
         print("mmbalance: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout's reader left: main ends quietly
+        raise
     except Exception as exc:  # a bug, not a user error: still one line unless --debug
         if args.debug:
             raise

@@ -27,6 +27,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Sequence
 
 from ..config import RunConfig, build_config, load_yaml
 from ..errors import MMBalanceError
@@ -39,7 +40,7 @@ from .comparison import compare, default_baseline, how_to_read, label_of, unpair
 from .linear_reference import NAME as LINEAR, beaten_lines, is_linear, reference_results, split_reference
 from .robustness import check_sweep, robustness_report
 from .significance import TESTS
-from .summary import bar_chart, fmt, markdown_table
+from .summary import bar_chart, fmt, headline, markdown_table
 
 
 def run_name(label: str, seed: int) -> str:
@@ -47,10 +48,27 @@ def run_name(label: str, seed: int) -> str:
     return f"{safe}-seed{seed}"
 
 
-def plan_runs(dataset: str, methods: list[str], seeds: int, overrides: list[str], config_file=None) -> list[tuple[str, str, RunConfig]]:
+def seed_list(seeds: int | Sequence[int]) -> list[int]:
+    """A count (5: seeds 0..4) or the seeds themselves ([0, 3, 7]: exactly those), each once."""
+    if isinstance(seeds, bool):
+        raise MMBalanceError(f"--seeds must be a count or a list of seeds, got {seeds!r}")
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise MMBalanceError(f"--seeds must be at least 1, got {seeds}")
+        return list(range(seeds))
+    chosen = list(seeds)
+    if not chosen or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in chosen):
+        raise MMBalanceError(f"--seeds must be a count or a list of seeds >= 0, e.g. 0,3,7; got {chosen!r}")
+    repeated = sorted({s for s in chosen if chosen.count(s) > 1})
+    if repeated:
+        raise MMBalanceError(f"--seeds lists seed {repeated[0]} twice; each seed once")
+    return chosen
+
+
+def plan_runs(dataset: str, methods: list[str], seeds: int | Sequence[int], overrides: list[str],
+              config_file=None) -> list[tuple[str, str, RunConfig]]:
     """Resolve every run's config first, so a typo fails before any training."""
-    if seeds < 1:
-        raise MMBalanceError(f"--seeds must be at least 1, got {seeds}")
+    seeds = seed_list(seeds)
     if not methods:
         raise MMBalanceError("--methods is empty; give a comma-separated list such as joint,unimodal")
     plan = []
@@ -60,7 +78,7 @@ def plan_runs(dataset: str, methods: list[str], seeds: int, overrides: list[str]
         if label in labels:
             raise MMBalanceError(f"--methods lists {label!r} twice ('{labels[label]}' and '{spec}'); each method once")
         labels[label] = spec
-        for seed in range(seeds):
+        for seed in seeds:
             config = build_config(config_file, overrides, dataset=dataset, method=spec, seed=seed)
             plan.append((label, run_name(label, seed), config))
     return plan
@@ -82,7 +100,7 @@ def choose_baseline(methods: list[str], baseline: str | None, test: str) -> str:
 def run_bench(
     dataset: str,
     methods: list[str],
-    seeds: int,
+    seeds: int | Sequence[int],
     out_dir: str | Path,
     overrides: list[str] | None = None,
     config_file=None,
@@ -150,7 +168,8 @@ def run_planned(k: int, total: int, label: str, name: str, config: RunConfig, ou
     finally:
         lock.release()
     metrics["label"] = label
-    log(f"[{k}/{total}] {name}: test accuracy {100 * metrics['test']['accuracy']:.2f}%")
+    key, words = headline([metrics])
+    log(f"[{k}/{total}] {name}: test {words} {100 * metrics['test'][key]:.2f}%")
     return metrics
 
 
@@ -214,24 +233,27 @@ def write_reports(
     lines = [json.dumps(r) for r in results]
     atomic_write_text(out_dir / "results.jsonl", "\n".join(lines) + "\n")
     baseline = baseline or default_baseline(list(dict.fromkeys(label_of(r) for r in results)))
-    comparisons = compare(results, baseline, test)
+    key, words = headline(results)  # accuracy, or micro-F1 on multi-label runs: what Δ compares
+    comparisons = compare(results, baseline, test, value=lambda r: r["test"][key])
     table = markdown_table(results, "test", comparisons, baseline)
     parts = [f"# Benchmark on `{dataset}`", ""]
     if command:
         parts += ["Command:", "", "```", command, "```", ""]
+    seeds = sorted({r["seed"] for r in results if isinstance(r.get("seed"), int)})
     parts += [
-        "Test split, mean ± std over seeds (accuracies in %). *X only*: the fused head with every",
+        f"Test split, mean ± std over seeds {', '.join(map(str, seeds))} (accuracies in %). *X only*: the fused head with every",
         "other modality's features zeroed. *X head*: the unimodal head on X's encoder. Imbalance",
         "ratio: M × the largest positive Shapley share (1 = balanced, M = one modality does all).",
-        "",
-        how_to_read(baseline, test, comparisons),
+        *([f"Multi-label: micro-F1, macro-F1 and mAP in %; *X only* and *X head* are micro-F1; Shapley values "
+           "on micro-F1.", ""] if key == "micro_f1" else [""]),
+        how_to_read(baseline, test, comparisons, words),
         "",
         table,
         "",
         *unpaired_lines(comparisons),
         *beaten_lines(results, test),
         *reference_lines(results),
-        "![test accuracy per method](summary.png) (vector: [summary.pdf](summary.pdf))",
+        f"![test {words} per method](summary.png) (vector: [summary.pdf](summary.pdf))",
         "",
         *robustness_lines(out_dir),
         "Validation split:",
@@ -241,7 +263,7 @@ def write_reports(
     ]
     text = "\n".join(parts)
     atomic_write_text(out_dir / "summary.md", text)
-    note = f"above the accuracy bars: Δ vs {baseline} (points, paired by seed); * p < 0.05, {TESTS[test]}"
-    bar_chart(results, out_dir / "summary.png", "test", title=f"{dataset}: test accuracy, mean ± std",
+    note = f"above the {words} bars: Δ vs {baseline} (points, paired by seed); * p < 0.05, {TESTS[test]}"
+    bar_chart(results, out_dir / "summary.png", "test", title=f"{dataset}: test {words}, mean ± std",
               comparisons=comparisons, note=note, num_classes=num_classes)
     return table

@@ -47,8 +47,35 @@ def group_by_method(results: list[dict]) -> "OrderedDict[str, list[dict]]":
     return groups
 
 
+def is_multi_label(results: list[dict]) -> bool:
+    """Whether the runs classified label sets (their metrics.json says ``task: multi_label``)."""
+    return bool(results) and results[0].get("task") == "multi_label"
+
+
+def headline(results: list[dict]) -> tuple[str, str]:
+    """(metrics key, words) of the score a table leads with and compares: accuracy, or micro-F1 on multi-label runs."""
+    return ("micro_f1", "micro-F1") if is_multi_label(results) else ("accuracy", "accuracy")
+
+
+def multi_label_columns(results: list[dict], split: str) -> list[tuple[str, callable]]:
+    """Multi-label runs: micro-F1, macro-F1, mAP, every modality-only and unimodal micro-F1."""
+    modalities = results[0]["modalities"]
+    columns = [
+        ("micro-F1", lambda r: r[split]["micro_f1"]),
+        ("macro-F1", lambda r: r[split]["macro_f1"]),
+        ("mAP", lambda r: r[split].get("mAP", math.nan)),
+    ]
+    for m in modalities:
+        columns.append((f"{m} only", lambda r, m=m: r[split].get("modality_micro_f1", {}).get(m, math.nan)))
+    for m in modalities:
+        columns.append((f"{m} head", lambda r, m=m: r[split].get("unimodal_micro_f1", {}).get(m, math.nan)))
+    return columns
+
+
 def summary_columns(results: list[dict], split: str = "test") -> list[tuple[str, callable]]:
-    """Columns: accuracy, macro-F1, every modality-only and unimodal accuracy, imbalance, time."""
+    """Columns: accuracy, macro-F1, every modality-only and unimodal accuracy, imbalance, time (F1s: multi-label)."""
+    if is_multi_label(results):
+        return multi_label_columns(results, split)
     modalities = results[0]["modalities"]
     columns = [
         ("accuracy", lambda r: r[split]["accuracy"]),
@@ -116,8 +143,12 @@ def bar_figure(
     plt = pyplot()
     groups = group_by_method(results)
     modalities = results[0]["modalities"]
-    metrics = [("accuracy", lambda r: r[split]["accuracy"])]
-    metrics += [(f"{m} only", lambda r, m=m: r[split].get("modality_accuracy", {}).get(m, math.nan)) for m in modalities]
+    key, words = headline(results)  # micro-F1 and modality-only micro-F1 on multi-label runs
+    only = "modality_micro_f1" if is_multi_label(results) else "modality_accuracy"
+    if is_multi_label(results):
+        num_classes = None  # no 100/C chance level for label sets
+    metrics = [(words, lambda r: r[split][key])]
+    metrics += [(f"{m} only", lambda r, m=m: r[split].get(only, {}).get(m, math.nan)) for m in modalities]
     width = 0.8 / len(groups)
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(metrics) * max(1, len(groups) / 2)), 4))
     for k, (method, runs) in enumerate(groups.items()):
@@ -135,7 +166,7 @@ def bar_figure(
     ax.set_xticks(range(len(metrics)))
     ax.set_xticklabels([name for name, _ in metrics])
     chance_line(ax, num_classes)
-    ax.set_ylabel(readable(f"{split}/accuracy"))
+    ax.set_ylabel(readable(f"{split}/accuracy") if key == "accuracy" else f"{readable(split)} {words} (%)")
     ax.set_ylim(0, 100)
     ax.set_title(title + ("\n" + textwrap.fill(note, 80) if note else ""), fontsize=9 if note else None)
     ax.grid(axis="y", alpha=0.3)

@@ -38,6 +38,7 @@ from typing import Callable
 
 from ..config import RunConfig, TrainConfig, build_config, parse_override
 from ..errors import MMBalanceError
+from ..extras import require
 from ..files import FolderLock, atomic_write_json, atomic_write_text
 from ..methods.compose import part_class
 from ..methods.spec import parse_spec
@@ -53,11 +54,7 @@ LOCAL_KEYS = REUSABLE_KEYS
 
 
 def require_optuna():
-    try:
-        import optuna
-    except ImportError:
-        raise MMBalanceError("tuning needs Optuna, which is not installed: pip install 'mmbalance[tune]'") from None
-    return optuna
+    return require("optuna", extra="tune", feature="tuning")
 
 
 def fixed_keys(method: str, overrides: list[str]) -> set[str]:
