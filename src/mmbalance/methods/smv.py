@@ -50,6 +50,7 @@ from ..models.multimodal import zero_out
 from ..registry import METHODS
 from ..search_space import Choice, FloatRange
 from .base import Plugin
+from .contribution import shapley_matrix
 
 SEED_DRAW_LIMIT = 2**62
 
@@ -63,18 +64,15 @@ def coalition_values(correct: dict[frozenset[str], Tensor]) -> dict[frozenset[st
     return values
 
 
-def sample_shapley(values: dict[frozenset[str], Tensor], modalities: list[str]) -> Tensor:
-    """Per-sample Shapley values of the coalition game, N × M (columns in ``modalities`` order)."""
-    total = len(modalities)
-    columns = []
-    for m in modalities:
-        others = [p for p in modalities if p != m]
-        phi = torch.zeros_like(values[frozenset()])
-        for S in all_coalitions(others):
-            weight = math.factorial(len(S)) * math.factorial(total - len(S) - 1) / math.factorial(total)
-            phi = phi + weight * (values[S | {m}] - values[S])
-        columns.append(phi)
-    return torch.stack(columns, dim=1)
+def sample_shapley(values: dict[frozenset[str], Tensor], modalities: list[str], matrix: Tensor | None = None) -> Tensor:
+    """Per-sample Shapley values of the coalition game, N × M (columns in ``modalities`` order).
+
+    Shapley values are linear in the game, so one product with CAL's
+    ``shapley_matrix`` (pass it in to reuse it across batches) does it.
+    """
+    matrix = shapley_matrix(modalities) if matrix is None else matrix
+    games = torch.stack([values[c].float() for c in all_coalitions(modalities)], dim=1)  # N × 2^M
+    return games @ matrix.T.to(games)
 
 
 def sample_copies(phi: Tensor, bounds: tuple[float, float, float] | list[float] = (0.9, 0.4, -0.1)) -> Tensor:
@@ -158,6 +156,7 @@ class SMV(Plugin):
         loader = DataLoader(base.dataset, batch_size=base.batch_size, sampler=positions, collate_fn=base.collate_fn,
                             num_workers=base.num_workers, pin_memory=base.pin_memory)
         coalitions = [S for S in all_coalitions(self.modalities) if S]
+        matrix = shapley_matrix(self.modalities)
         chunks = []
         was_training = model.training
         model.eval()
@@ -169,7 +168,7 @@ class SMV(Plugin):
                     correct = {
                         S: ctx.predict_from_features(zero_out(features, S)).argmax(-1) == batch.labels for S in coalitions
                     }
-                    chunks.append(sample_shapley(coalition_values(correct), self.modalities).cpu())
+                    chunks.append(sample_shapley(coalition_values(correct), self.modalities, matrix).cpu())
         finally:
             model.train(was_training)
         phi = torch.cat(chunks) if chunks else torch.zeros(0, len(self.modalities))
